@@ -1,0 +1,1 @@
+"""ForgeLab: train, evaluate and serve LLMs on one workstation."""

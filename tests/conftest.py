@@ -1,0 +1,72 @@
+"""Shared fixtures: real data and the real SmolLM2 model from the default manifest (fetched
+once into data/raw and model/, exactly as stage 01 does), plus a tiny random model that uses
+SmolLM2's tokenizer and chat template for fast training/serving tests."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from forgelab import config as cfg
+from forgelab.data.download import ManifestConfig, run_manifest
+from forgelab.runs import PROJECT_ROOT, project_path
+
+SHARED_GSM8K = PROJECT_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+MANIFEST = PROJECT_ROOT / "configs" / "data" / "manifest.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _records_in_tmp(tmp_path_factory):
+    """Run records of tests go to a temp dir, not the project's runs/ and logs/."""
+    base = tmp_path_factory.mktemp("records")
+    os.environ["FORGELAB_RUNS_DIR"] = str(base / "runs")
+    os.environ["FORGELAB_LOGS_DIR"] = str(base / "logs")
+    yield
+
+
+class _Run:  # the minimal run object run_manifest needs
+    def __init__(self):
+        self.log = logging.getLogger("forgelab.tests")
+        self.summary: dict = {}
+
+
+@pytest.fixture(scope="session")
+def raw_data() -> dict[str, Path]:
+    """name -> path of every default manifest entry (downloaded once, verified)."""
+    conf = cfg.load(ManifestConfig, [MANIFEST])
+    run_manifest(conf, MANIFEST, _Run())
+    root = project_path(conf.root)
+    return {e.name: root / e.name / e.target_name() for e in conf.entries}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(raw_data) -> Path:
+    return project_path("model/smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train() -> Path:
+    if not SHARED_GSM8K.exists():
+        pytest.skip("shared GSM8K train set not present")
+    return SHARED_GSM8K
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, head_dim 32) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    conf = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=2048, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(conf).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
