@@ -1,0 +1,130 @@
+"""GSM8K-style math word problems: few-shot chain-of-thought through the model's chat
+template, greedy generation, numeric answer extraction, exact match.
+
+The few-shot exemplars are alternating user/assistant turns before the problem. They are GSM8K
+training problems with their reference solutions (ending '#### N') when a GSM8K train file is
+present; otherwise problems of the eval set itself that are outside the scored subset, whose
+assistant turn can only be 'The answer is <reference answer>.' (ASDiv has no worked solutions).
+"""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from ..runs import project_path
+from .answers import extract_answer, is_correct
+from .config import MathConfig, MathDataset
+from .data import gsm8k_solution_turn, load_math, normalize_text, seeded_order, training_texts
+from .prefix import Prefix, batch_inputs, build_prefix, common_prefix_len
+from .runtime import Batcher, LoadedModel, auto_batch_size, empty_cache_fn
+
+
+def exemplar_turns(problem: dict) -> list[dict]:
+    if problem["solution"] is not None:
+        answer = gsm8k_solution_turn(problem["solution"])
+    else:
+        answer = f"The answer is {problem['answer_text'].strip()}."
+    return [{"role": "user", "content": problem["question"]},
+            {"role": "assistant", "content": answer}]
+
+
+def build_messages(question: str, exemplars: list[dict], system_prompt: str | None) -> list[dict]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for ex in exemplars:
+        msgs.extend(exemplar_turns(ex))
+    msgs.append({"role": "user", "content": question})
+    return msgs
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+                         f"the math task prompts through it")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prepare(conf: MathConfig, ds: MathDataset) -> dict:
+    """The scored problems of one dataset and its exemplars (deterministic given math.seed)."""
+    problems, skipped = load_math(ds.path, ds.format)
+    # problems a model was trained on (e.g. ASDiv in the SFT train split) are neither scored
+    # nor used as exemplars
+    seen, missing = training_texts(conf.exclude_paths)
+    before = len(problems)
+    problems = [p for p in problems if normalize_text(p["question"]) not in seen]
+    limit = conf.limit if ds.limit is None else ds.limit
+    order = seeded_order(len(problems), conf.seed)
+    scored_idx = order[:limit] if limit else order
+    fewshot_file = next((p for p in conf.fewshot_paths if project_path(p).is_file()), None)
+    if conf.shots == 0:
+        exemplars, source = [], "none (0-shot)"
+    elif fewshot_file:
+        pool, _ = load_math(fewshot_file, "gsm8k")
+        exemplars = [pool[i] for i in seeded_order(len(pool), conf.seed)[:conf.shots]]
+        source = f"GSM8K train: {fewshot_file}"
+    else:
+        rest = order[len(scored_idx):]
+        if len(rest) < conf.shots:
+            raise ValueError(f"math.datasets[{ds.name}]: {len(rest)} problems outside the scored "
+                             f"subset, {conf.shots} exemplars asked (lower math.shots or limit)")
+        exemplars = [problems[i] for i in rest[:conf.shots]]
+        source = f"{ds.name} problems outside the scored subset"
+    return {"problems": [problems[i] for i in scored_idx], "exemplars": exemplars,
+            "exemplar_source": source, "fewshot_file": fewshot_file if conf.shots else None,
+            "non_numeric_skipped": skipped, "pool_size": len(problems),
+            "excluded_as_training_data": before - len(problems), "exclude_paths_missing": missing}
+
+
+def generate(lm: LoadedModel, prefix: Prefix, suffixes: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """Greedy continuations of prompts (cached prefix + suffix), stopped at the end token."""
+    import torch
+    from transformers import GenerationConfig
+
+    inputs = batch_inputs(prefix, suffixes, lm.pad_id, lm.device)
+    head = torch.tensor([prefix.ids] * len(suffixes), dtype=torch.long, device=lm.device)
+    ids = torch.cat([head.reshape(len(suffixes), -1), inputs["input_ids"]], dim=1)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=lm.eos_ids,
+                           pad_token_id=lm.pad_id)
+    with torch.inference_mode():
+        # generate() derives position ids from the mask, so the padding in the middle is skipped
+        out = lm.model.generate(input_ids=ids, attention_mask=inputs["attention_mask"],
+                                past_key_values=inputs["past_key_values"], generation_config=gen)
+    res = []
+    eos = set(lm.eos_ids)
+    for s, row in zip(suffixes, out[:, ids.shape[1]:].tolist()):
+        n = next((j for j, t in enumerate(row) if t in eos), None)
+        new = row if n is None else row[:n]
+        res.append({"text": lm.tokenizer.decode(new, skip_special_tokens=True),
+                    "prompt_tokens": len(prefix.ids) + len(s), "new_tokens": len(new), "stopped": n is not None})
+    return res
+
+
+def evaluate(lm: LoadedModel, conf: MathConfig, ds: MathDataset, runtime, prepared: dict) -> dict:
+    items = []
+    for p in prepared["problems"]:
+        prompt = render_prompt(lm.tokenizer, build_messages(p["question"], prepared["exemplars"], conf.system_prompt))
+        items.append({"row": p["row"], "question": p["question"], "gold": p["gold"], "prompt": prompt})
+    if not items:
+        raise ValueError(f"math.datasets[{ds.name}]: no problems to score")
+    enc = [lm.tokenizer(it["prompt"], add_special_tokens=False)["input_ids"] for it in items]
+    example = items[0]["prompt"]
+    # system prompt + exemplars are the same for every problem: encoded once, reused by all
+    p = common_prefix_len(enc)
+    prefix = build_prefix(lm, enc[0][:p])
+    order = sorted(range(len(items)), key=lambda i: -len(enc[i]))
+    batcher = Batcher(auto_batch_size(lm, runtime, len(enc[order[0]]) + conf.max_new_tokens, 1),
+                      empty_cache_fn(lm.device))
+    with tqdm(total=len(items), desc=f"math {ds.name}", unit="problem") as bar:
+        outs = batcher.run([enc[i][p:] for i in order],
+                           lambda b: generate(lm, prefix, b, conf.max_new_tokens), bar)
+    for i, o in zip(order, outs):
+        pred = extract_answer(o["text"])
+        del items[i]["prompt"]  # the same for every problem but the question: kept once, in the summary
+        items[i].update(response=o["text"], pred=pred, correct=is_correct(pred, items[i]["gold"]),
+                        prompt_tokens=o["prompt_tokens"], new_tokens=o["new_tokens"], stopped=o["stopped"])
+    n = len(items)
+    return {"n": n, "correct": sum(it["correct"] for it in items),
+            "exact_match": sum(it["correct"] for it in items) / n,
+            "no_answer": sum(it["pred"] is None for it in items),
+            "hit_max_new_tokens": sum(not it["stopped"] for it in items),
+            "mean_prompt_tokens": sum(it["prompt_tokens"] for it in items) / n,
+            "mean_new_tokens": sum(it["new_tokens"] for it in items) / n,
+            "batch_size": batcher.batch_size, "example_prompt": example, "records": items}
