@@ -209,9 +209,15 @@ def build(schema: type, data: dict, origins: dict | None = None, prefix: str = "
             raise ConfigError(f"unknown key '{key}'{_where(key, origins)}{hint}")
         kwargs[k] = _coerce(hints[k], v, key, origins)
     for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and \
-                f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        if name in kwargs:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise ConfigError(f"missing required key '{prefix}{name}'")
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            # plain list/dict defaults (e.g. a list of section mappings) get the same typing
+            value = f.default_factory()  # type: ignore[misc]
+            if isinstance(value, (list, dict)):
+                kwargs[name] = _coerce(hints[name], value, prefix + name, origins)
     obj = schema(**kwargs)
     check = getattr(obj, "validate", None)
     if check:
