@@ -1,19 +1,42 @@
 #!/usr/bin/env bash
 # The main job: the whole chain on the embedded default (SmolLM2-135M-Instruct and PyPI-shipped
 # data), offline, on CPU or GPU. Bootstraps .venv by itself. Each stage writes its run record
-# under runs/<stage>/ and a line in logs/operation_log.md.
+# under runs/<stage>/ and a line in logs/operation_log.md; reports land in reports/.
+#   bash scripts/run_pipeline.sh            # everything (about an hour on a 2-core CPU)
+#   STAGES="00 01 02 03 04 05" bash scripts/run_pipeline.sh   # only some stages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap_env.sh
 export TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
+STAGES=${STAGES:-"00 01 02 03 04 05 06 pretrain 07 08 09 10 12"}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ==="; }
 
-step "00 environment check";      $PY scripts/00_check_env.py
-step "01 download data + model";  $PY scripts/01_download_data.py
-step "02 CPT corpus";             $PY scripts/02_build_cpt_corpus.py
-step "03 SFT dataset";            $PY scripts/03_build_sft_dataset.py
-step "04 tokenize CPT";           $PY scripts/04_tokenize_cpt.py
-step "04 CPT benchmark slice";    $PY scripts/04_build_cpt_benchmark_slice.py
-step "05 tokenize SFT";           $PY scripts/05_tokenize_sft.py
+want 00 && { step "00 environment check";      $PY scripts/00_check_env.py; }
+want 01 && { step "01 download data + model";  $PY scripts/01_download_data.py; }
+want 02 && { step "02 CPT corpus";             $PY scripts/02_build_cpt_corpus.py; }
+want 03 && { step "03 SFT dataset";            $PY scripts/03_build_sft_dataset.py; }
+want 04 && { step "04 tokenize CPT";           $PY scripts/04_tokenize_cpt.py
+             step "04 CPT benchmark slice";    $PY scripts/04_build_cpt_benchmark_slice.py; }
+want 05 && { step "05 tokenize SFT";           $PY scripts/05_tokenize_sft.py; }
+want 06 && { step "06 CPT of SmolLM2-135M";    bash scripts/06_train_cpt.sh single; }
+if want pretrain; then
+  step "pretraining from scratch: tokenizer, tokenize, preset 'small'"
+  $PY scripts/train_tokenizer.py
+  $PY scripts/04_tokenize_cpt.py --set tokenizer=model/tokenizer-scratch --set out_dir=data/tokenized/cpt_scratch --run-name scratch
+  bash scripts/train/sanity.sh single --task pretrain --set model.preset=small --set steps.max_steps=40 --run-name pretrain-small
+fi
+want 07 && { step "07 SFT LoRA";               bash scripts/07_train_sft.sh single; }
+want 08 && { step "08 merge LoRA";             $PY scripts/08_merge_lora.py; }
+want 09 && { step "09 eval: base vs CPT vs SFT-merged"
+             bash scripts/09_eval.sh --config configs/eval/default.yaml --config configs/eval/compare.yaml --run-name pipeline; }
+if want 10; then
+  step "10 serve the merged model + 11 serving benchmark"
+  trap 'bash scripts/10_serve.sh stop >/dev/null 2>&1 || true' EXIT
+  bash scripts/10_serve.sh transformers model/merged-sft
+  $PY scripts/11_benchmark_serving.py --config configs/bench/pipeline.yaml --no-progress
+  bash scripts/10_serve.sh stop
+fi
+want 12 && { step "12 reports";                $PY scripts/12_report.py all; }
 echo; echo "pipeline done: see reports/ and logs/operation_log.md"
