@@ -1,0 +1,110 @@
+"""Serving config (kind "serve"): which backend serves which model where, and the backend's
+own settings. One file per backend under configs/serve/; `scripts/config.py keys serve` lists
+every key."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import ConfigError, field
+
+API_KEY_ENV = "FORGELAB_API_KEY"
+
+
+@dataclass
+class VLLMSettings:
+    python: str = field(".venv-vllm/bin/python",
+                        help="interpreter of the vLLM environment (scripts/setup_vllm_cpu.sh makes it)")
+    served_model_name: str = field("", help="model name clients send; empty: the model path")
+    tensor_parallel_size: int = field(1, help="GPUs the weights are split across (--tensor-parallel-size)")
+    max_model_len: int = field(2048, help="longest prompt + completion in tokens (--max-model-len)")
+    gpu_memory_utilization: float | None = field(
+        None, help="fraction of GPU memory vLLM may take (--gpu-memory-utilization); null: vLLM's default")
+    kv_cache_memory_bytes: int | None = field(
+        None, help="KV cache size in bytes (--kv-cache-memory-bytes); needed on CPU, e.g. 134217728")
+    max_num_seqs: int = field(32, help="most sequences decoded at once (--max-num-seqs)")
+    dtype: str = field("auto", help="weights/activation dtype (--dtype); float32 on CPU")
+    enforce_eager: bool = field(False, help="no CUDA graphs / compilation (--enforce-eager); true on CPU")
+    reasoning_parser: str = field("", help="split reasoning from the answer, e.g. qwen3 (--reasoning-parser)")
+    lora_modules: dict[str, str] = field({}, help="adapter name -> adapter dir, served on one base "
+                                         "(--enable-lora --lora-modules name=path ...)")
+    max_lora_rank: int | None = field(None, help="largest LoRA rank among the adapters (--max-lora-rank)")
+    extra_args: list[str] = field([], help="further api_server arguments, passed as given")
+    env: dict[str, str] = field({}, help="extra environment for the server, e.g. VLLM_CPU_OMP_THREADS_BIND")
+
+
+@dataclass
+class TransformersSettings:
+    device: str = field("cpu", help="device for inference: cpu, cuda:0, auto (--device)")
+    dtype: str = field("auto", help="model dtype: auto, float32, bfloat16 (--dtype)")
+    continuous_batching: bool = field(False, help="paged-attention continuous batching (--continuous-batching)")
+    cb_num_blocks: int | None = field(None, help="continuous batching KV cache blocks of 256 tokens "
+                                      "(--cb-num-blocks); null: sized from free memory (on CPU "
+                                      "that took 14 GB of RAM for a tiny model)")
+    cb_max_batch_tokens: int | None = field(None, help="continuous batching tokens per step "
+                                            "(--cb-max-batch-tokens); null: sized from free memory")
+    guard: bool = field(True, help="run inside forgelab's guard: malformed chat requests get 400 instead "
+                        "of 500, and api_key is enforced; false runs the plain `transformers serve` CLI")
+    extra_args: list[str] = field([], help="further `transformers serve` arguments, passed as given")
+    env: dict[str, str] = field({}, help="extra environment for the server")
+
+
+@dataclass
+class ServeConfig:
+    backend: Literal["transformers", "vllm"] = field("transformers", help="serving engine")
+    name: str = field("", help="server name: its records live in runs/serve/<name>/ (default: backend)")
+    model: str = field("model/smollm2-135m-instruct", help="model dir (or hub id) to serve")
+    host: str = field("127.0.0.1", help="listen address; a non-loopback one needs api_key")
+    port: int = field(8000, help="listen port")
+    api_key: str = field("", help=f"key clients must send (Bearer); empty: taken from ${API_KEY_ENV} "
+                         "if set. Prefer the environment variable to a key in a file")
+    force_insecure: bool = field(False, help="allow a non-loopback host without an API key")
+    threads: int = field(0, help="OMP_NUM_THREADS for the server; 0: leave the environment's")
+    startup_timeout_s: float = field(600.0, help="seconds to wait for the server to answer")
+    stop_timeout_s: float = field(30.0, help="seconds between SIGTERM and SIGKILL on stop")
+    vllm: VLLMSettings = field(VLLMSettings, help="settings used when backend is vllm")
+    transformers: TransformersSettings = field(TransformersSettings,
+                                               help="settings used when backend is transformers")
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"key 'port': {self.port} is not a TCP port")
+        if self.vllm.tensor_parallel_size < 1:
+            raise ConfigError("key 'vllm.tensor_parallel_size' must be >= 1")
+        for name in self.vllm.lora_modules:
+            if not name or "=" in name or " " in name:
+                raise ConfigError(f"key 'vllm.lora_modules': bad adapter name {name!r}")
+
+    @property
+    def server_name(self) -> str:
+        return self.name or self.backend
+
+    def resolved_api_key(self) -> str:
+        return self.api_key or os.environ.get(API_KEY_ENV, "")
+
+    def check_security(self) -> None:
+        """Refuse to listen beyond this machine without an API key, unless forced."""
+        if is_loopback(self.host) or self.resolved_api_key() or self.force_insecure:
+            return
+        raise ConfigError(
+            f"host {self.host!r} is reachable from other machines and no API key is set: set "
+            f"${API_KEY_ENV} (or api_key), bind 127.0.0.1, or set force_insecure: true to serve "
+            "without authentication")
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address the host name resolves to is a loopback address."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
