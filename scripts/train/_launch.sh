@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Shared by scripts/train/<track>.sh and the numbered training scripts: composes
+#   configs/train/<task>.yaml + tracks/<track>.yaml [+ tracks/<track>.<cpt|pretrain|sft>.yaml]
+#   + backends/<backend>.yaml
+# and calls the one entry point, scripts/train.py, which starts torchrun or the DeepSpeed
+# launcher itself when the backend needs several processes.
+# usage: _launch.sh TRACK|"" [BACKEND] [--task cpt|pretrain|sft_lora|sft_full] [scripts/train.py args]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+conf="$root/configs/train"
+track=${1-}; shift || true
+backend=single
+if [[ $# -gt 0 && $1 != -* ]]; then backend=$1; shift; fi
+task=cpt
+args=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --task) task=${2:?--task needs a value}; shift 2 ;;
+    --task=*) task=${1#--task=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+[[ $task == sft ]] && task=sft_lora
+die() { echo "$*" >&2; exit 2; }
+[[ -f $conf/$task.yaml ]] || die "unknown task '$task' (cpt, pretrain, sft_lora, sft_full)"
+[[ -f $conf/backends/$backend.yaml ]] || die "unknown backend '$backend' (single, ddp, fsdp, zero2, zero3_offload)"
+configs=(--config "$conf/$task.yaml")
+if [[ -n $track ]]; then
+  [[ -f $conf/tracks/$track.yaml ]] || die "unknown track '$track' (sanity, bench, profile, optimize, resume, longtrain)"
+  configs+=(--config "$conf/tracks/$track.yaml")
+  kind=${task%%_*}
+  [[ -f $conf/tracks/$track.$kind.yaml ]] && configs+=(--config "$conf/tracks/$track.$kind.yaml")
+fi
+configs+=(--config "$conf/backends/$backend.yaml")
+py=${PYTHON:-$root/.venv/bin/python}
+[[ -x $py ]] || py=python3
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+exec "$py" "$root/scripts/train.py" "${configs[@]}" "${args[@]}"

@@ -1,0 +1,194 @@
+"""Trainer callbacks: per-step metrics (metrics.jsonl + TensorBoard) and the stop step."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .flops import mfu
+
+log = logging.getLogger("forgelab.train")
+
+
+def memory_now(on_cuda: bool) -> dict:
+    if on_cuda:
+        import torch
+        return {"mem_allocated": torch.cuda.memory_allocated(), "mem_reserved": torch.cuda.memory_reserved(),
+                "mem_max_allocated": torch.cuda.max_memory_allocated()}
+    import psutil
+    return {"rss": psutil.Process().memory_info().rss}
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep only lines for steps <= last_step (a resumed run redoes the later ones); returns kept."""
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if rec.get("step", math.inf) <= last_step:
+            kept.append(line)
+    from ..runs import atomic_write_text
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+    return len(kept)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+class MetricsCallback(TrainerCallback):
+    """One line per optimizer step in metrics.jsonl and the same scalars in TensorBoard.
+
+    Tokens are counted on the host by the collators (no device sync); the loss and grad norm
+    come from the Trainer's own per-step log (logging_steps = 1), which is the one host sync
+    per optimizer step.
+    """
+
+    def __init__(self, trainer, run_dir: Path, *, is_main: bool, world: int, tokens_vary: bool,
+                 flops_per_token: float, peak_flops: float | None, on_cuda: bool, tensorboard: bool,
+                 resume_step: int = 0):
+        self.trainer = trainer
+        self.path = run_dir / "metrics.jsonl"
+        self.eval_path = run_dir / "eval_metrics.jsonl"
+        self.tb_dir = run_dir / "tb"
+        self.is_main = is_main
+        self.world = world
+        self.tokens_vary = tokens_vary
+        self.fpt = flops_per_token
+        self.peak = peak_flops
+        self.on_cuda = on_cuda
+        self.use_tb = tensorboard
+        self.resume_step = resume_step
+        self.records: list[dict] = []
+        self.writer = None
+        self._fh = None
+        self.t_prev = 0.0
+        self.t0 = 0.0
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent by tooling inside a step (profiler trace export) is not step time."""
+        self._excluded += seconds
+
+    # -- lifecycle
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.t_prev = time.perf_counter()
+        if self.is_main:
+            self._fh = open(self.path, "a", encoding="utf-8")
+            if self.use_tb:
+                from torch.utils.tensorboard import SummaryWriter
+                # purge_step drops events a killed session logged past the checkpoint we resume from
+                self.writer = SummaryWriter(str(self.tb_dir),
+                                            purge_step=self.resume_step + 1 if self.resume_step else None)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self):
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+    def on_save(self, args, state, control, **kw):
+        self.t_prev = time.perf_counter()  # checkpoint time is reported on its own, not as step time
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.is_main and metrics:
+            rec = {"step": state.global_step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+            with open(self.eval_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.writer and "eval_loss" in metrics:
+                self.writer.add_scalar("eval/loss", metrics["eval_loss"], state.global_step)
+        self.t_prev = time.perf_counter()
+
+    # -- the per-step record
+    def _global_tokens(self, local: int) -> int:
+        if self.world == 1:
+            return local
+        if not self.tokens_vary:
+            return local * self.world  # fixed-length blocks: every rank sees the same count
+        import torch
+        acc = self.trainer.accelerator
+        t = torch.tensor([local], dtype=torch.int64, device=acc.device)
+        return int(acc.reduce(t, reduction="sum").item())
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs or "train_loss" in logs:
+            return
+        now = time.perf_counter()
+        dt = now - self.t_prev - self._excluded
+        self._excluded = 0.0
+        local = self.trainer.pop_step_tokens()
+        step_tokens = self._global_tokens(local)  # collective: every rank reaches this line
+        state.num_input_tokens_seen += step_tokens
+        tps = step_tokens / dt if dt > 0 else None
+        rec = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm"), "tokens": int(state.num_input_tokens_seen),
+               "step_tokens": step_tokens, "tokens_per_s": tps,
+               "mfu": mfu(tps, self.fpt, self.peak, self.world), "step_time_s": dt,
+               "elapsed_s": now - self.t0, "time": time.time(), "epoch": state.epoch}
+        rec.update(memory_now(self.on_cuda))
+        self.records.append(rec)
+        if self.is_main:
+            self._fh.write(json.dumps(rec) + "\n")
+            self._fh.flush()
+            if self.writer:
+                s = rec["step"]
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
+                    if rec.get(k) is not None:
+                        self.writer.add_scalar(f"train/{k}", rec[k], s)
+                for k in ("mem_allocated", "mem_reserved", "mem_max_allocated", "rss"):
+                    if k in rec:
+                        self.writer.add_scalar(f"memory/{k}", rec[k], s)
+        self.t_prev = time.perf_counter()
+
+
+class StopCallback(TrainerCallback):
+    """Stop at ``steps.stop_after_steps`` after saving a checkpoint there; the LR schedule still
+    spans max_steps, so a resumed run continues the same curve."""
+
+    def __init__(self, stop_after: int):
+        self.stop_after = stop_after
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.stop_after:
+            log.info("stop_after_steps=%d reached: saving a checkpoint and stopping", self.stop_after)
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class SaveTimer:
+    """Test hook: FORGELAB_SAVE_DELAY_S makes a save wait between writing and publishing (only
+    the save at step FORGELAB_SAVE_DELAY_STEP when that is set), so a test can kill the process
+    while a checkpoint is unfinished."""
+
+    @staticmethod
+    def delay(step: int) -> None:
+        d = float(os.environ.get("FORGELAB_SAVE_DELAY_S", "0") or 0)
+        only = os.environ.get("FORGELAB_SAVE_DELAY_STEP")
+        if d > 0 and (not only or int(only) == step):
+            log.warning("FORGELAB_SAVE_DELAY_S=%s: pausing inside the checkpoint save (test hook)", d)
+            time.sleep(d)

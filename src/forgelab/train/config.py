@@ -1,0 +1,230 @@
+"""The training config (kind ``train``): one schema for every task, track and backend.
+
+Files compose in order: ``configs/train/<task>.yaml`` (which extends ``base.yaml``), then a
+track overlay (``tracks/<track>.yaml``), then a backend overlay (``backends/<backend>.yaml``),
+then ``--set`` overrides. ``python scripts/config.py keys train`` lists every key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from ..config import ConfigError, field
+
+TASKS = ("cpt", "pretrain", "sft")
+BACKENDS = ("single", "ddp", "fsdp", "zero2", "zero3_offload")
+
+
+@dataclass
+class ModelSection:
+    path: Optional[str] = field(None, help="pretrained model dir (cpt, sft); a Hugging Face model directory")
+    preset: Optional[str] = field(None, help="pretrain: size preset name from forgelab.model.presets")
+    config: dict[str, Any] = field({}, help="pretrain: transformers config as a dict "
+                                            "(model_type + sizes); overrides the preset's values")
+    config_file: Optional[str] = field(None, help="pretrain: a transformers config.json to build the model from")
+    tokenizer: Optional[str] = field(None, help="tokenizer dir; defaults to model.path (required for pretrain)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
+        "sdpa", help="attention kernel; flash_attention_* falls back to sdpa (with a notice) when unavailable")
+    init_seed: Optional[int] = field(None, help="pretrain: seed of the random init (default: seed)")
+
+
+@dataclass
+class DataSection:
+    train: str = field("data/tokenized/cpt/train",
+                       help="tokenized training dir (CPT blocks.npy + meta.json, or the SFT store)")
+    eval: Optional[str] = field(None, help="tokenized held-out dir evaluated every eval.every_steps (optional)")
+    max_train_items: Optional[int] = field(None, help="use only the first N rows/blocks of the train dir")
+    pad_to_multiple_of: Optional[int] = field(None, help="SFT: pad each batch to a multiple of this length")
+    allow_tokenizer_mismatch: bool = field(False, help="train even when the data's tokenizer fingerprint "
+                                                       "differs from the model's tokenizer (not recommended)")
+    num_workers: int = field(0, help="DataLoader worker processes per rank")
+    pin_memory: bool = field(True, help="pin host memory for batches (CUDA only)")
+    persistent_workers: bool = field(False, help="keep DataLoader workers alive between epochs")
+    prefetch_factor: Optional[int] = field(None, help="batches prefetched per worker (needs num_workers > 0)")
+
+
+@dataclass
+class SFTSection:
+    mode: Literal["lora", "full"] = field("lora", help="sft: LoRA adapters (peft) or full fine-tuning")
+
+
+@dataclass
+class LoraSection:
+    r: int = field(16, help="LoRA rank")
+    alpha: int = field(32, help="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = field(0.05, help="dropout on the LoRA input path")
+    target_modules: Union[str, list[str]] = field("all-linear",
+                                                  help="modules that get adapters: 'all-linear' or a list of names")
+    modules_to_save: list[str] = field([], help="extra modules trained in full and saved with the adapter")
+
+
+@dataclass
+class OptimSection:
+    lr: float = field(3e-4, help="peak learning rate")
+    min_lr_ratio: float = field(0.1, help="cosine floor as a fraction of lr (scheduler cosine_with_min_lr)")
+    scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant_with_warmup", "constant"] = field(
+        "cosine_with_min_lr", help="learning-rate schedule after warm-up")
+    warmup_steps: int = field(10, help="linear warm-up steps from 0 to lr")
+    weight_decay: float = field(0.1, help="AdamW decoupled weight decay (never on norms, biases, embeddings)")
+    beta1: float = field(0.9, help="AdamW beta1")
+    beta2: float = field(0.95, help="AdamW beta2")
+    eps: float = field(1e-8, help="AdamW epsilon")
+    max_grad_norm: float = field(1.0, help="clip the global gradient norm to this (0 = no clipping)")
+    fused: Literal["auto", "on", "off"] = field("auto", help="fused AdamW kernel: auto = on for CUDA")
+
+
+@dataclass
+class StepsSection:
+    max_steps: int = field(30, help="optimizer steps of the schedule")
+    micro_batch_size: int = field(2, help="rows per rank per forward pass")
+    grad_accum: int = field(2, help="micro-batches accumulated per optimizer step")
+    stop_after_steps: Optional[int] = field(None, help="stop (after a checkpoint) at this step while keeping the "
+                                                       "max_steps schedule; used to test resume")
+
+
+@dataclass
+class RuntimeSection:
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        "auto", help="mixed precision: auto = bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
+    torch_compile: bool = field(False, help="torch.compile the model")
+    compile_mode: Optional[str] = field(None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    liger_kernel: bool = field(False, help="Liger Triton kernels (CUDA + liger-kernel installed; else a notice)")
+    tf32: bool = field(True, help="allow TF32 matmuls on CUDA")
+    threads: Optional[int] = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS or torch's)")
+
+
+@dataclass
+class DistSection:
+    nproc_per_node: Union[int, str] = field("auto", help="ranks per node: 'auto' = all GPUs, or 2 gloo ranks on "
+                                                         "CPU (env NPROC overrides)")
+    launcher: Literal["torchrun", "deepspeed"] = field("torchrun", help="multi-process launcher")
+    master_port: int = field(29511, help="rendezvous port on one node (env MASTER_PORT overrides)")
+    deepspeed: Optional[str] = field(None, help="DeepSpeed JSON config (zero2 / zero3_offload backends)")
+    fsdp_config: dict[str, Any] = field({}, help="Trainer fsdp_config of the fsdp backend (version, "
+                                                 "reshard_after_forward, auto_wrap_policy, cpu_offload, ...)")
+    find_unused_parameters: bool = field(False, help="DDP: look for parameters without gradients each step")
+    bucket_cap_mb: Optional[int] = field(None, help="DDP gradient bucket size in MB")
+    timeout_s: int = field(1800, help="collective timeout in seconds")
+    hostfile: Optional[str] = field(None, help="DeepSpeed launcher hostfile for multi-node (launcher=deepspeed)")
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = field(0, help="save a checkpoint every N optimizer steps (0 = none, except at stop)")
+    keep_last: int = field(2, help="complete checkpoints kept (older ones are deleted)")
+    resume: str = field("none", help="'none', 'auto' (latest complete checkpoint of this run, if any) or a path")
+    overwrite: bool = field(False, help="when not resuming, clear an earlier run's outputs in the run dir "
+                                        "(otherwise refuse)")
+    save_final: bool = field(True, help="write the final model (or LoRA adapter) to <run dir>/final/")
+    save_on_each_node: bool = field(False, help="multi-node without a shared filesystem: save on every node")
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = field(0, help="held-out loss every N steps on data.eval (0 = off)")
+    max_items: Optional[int] = field(None, help="evaluate only the first N held-out items")
+    batch_size: int = field(4, help="rows per rank per evaluation forward pass")
+
+
+@dataclass
+class MetricsSection:
+    tensorboard: bool = field(True, help="write per-step scalars to <run dir>/tb/")
+    peak_flops: Optional[float] = field(None, help="peak FLOP/s per device for MFU; null = known GPU table "
+                                                   "(H100 bf16 989e12) on CUDA, no MFU on CPU")
+    steady_skip_steps: int = field(2, help="first steps left out of the steady-state throughput and MFU")
+
+
+@dataclass
+class ProfileSection:
+    enabled: bool = field(False, help="torch.profiler traces + time split + comms (profile track)")
+    wait: int = field(1, help="profiler schedule: steps skipped first")
+    warmup: int = field(1, help="profiler schedule: steps traced but discarded")
+    active: int = field(2, help="profiler schedule: steps recorded")
+    record_shapes: bool = field(True, help="record operator input shapes")
+    profile_memory: bool = field(False, help="record tensor allocations")
+    with_stack: bool = field(False, help="record Python stacks (large traces)")
+
+
+@dataclass
+class SweepSection:
+    name: Optional[str] = field(None, help="sweep name; runs are named <name>--NN")
+    runs: list[dict[str, Any]] = field([], help="one mapping of dotted config keys to values per run")
+
+
+@dataclass
+class ResumeCheckSection:
+    stop_at: int = field(0, help="resume track: stage 1 stops at this step, stage 2 resumes with auto")
+    tolerance_cpu: float = field(0.0, help="max allowed |loss diff| on CPU fp32 (bit-exact expected)")
+    tolerance_gpu: float = field(1e-3, help="max allowed |loss diff| on GPU (kernels are not bit-deterministic)")
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["cpt", "pretrain", "sft"] = field("cpt", help="cpt = continue a pretrained model, "
+                                                               "pretrain = from scratch, sft = supervised")
+    track: str = field("pipeline", help="track name recorded in the summary (sanity, bench, profile, ...)")
+    backend: Literal["single", "ddp", "fsdp", "zero2", "zero3_offload"] = field(
+        "single", help="parallel backend (set by configs/train/backends/<backend>.yaml)")
+    run_name: Optional[str] = field(None, help="run dir runs/train/<run_name>/ (default <task>-<track>-<backend>)")
+    seed: int = field(42, help="seed of data order, dropout and init")
+    estimate: dict[str, Any] = field({}, help="knobs of the pre-flight memory/step estimate recorded next to "
+                                              "the measurement (forgelab.train.estimator.Knobs names)")
+    model: ModelSection = field(ModelSection, help="what to train")
+    data: DataSection = field(DataSection, help="tokenized data")
+    sft: SFTSection = field(SFTSection, help="SFT mode")
+    lora: LoraSection = field(LoraSection, help="LoRA adapter settings (sft.mode = lora)")
+    optim: OptimSection = field(OptimSection, help="AdamW and the learning-rate schedule")
+    steps: StepsSection = field(StepsSection, help="batching and length")
+    runtime: RuntimeSection = field(RuntimeSection, help="precision and speed knobs")
+    dist: DistSection = field(DistSection, help="launching and the parallel engines")
+    checkpoint: CheckpointSection = field(CheckpointSection, help="checkpoints and resume")
+    eval: EvalSection = field(EvalSection, help="held-out loss during training")
+    metrics: MetricsSection = field(MetricsSection, help="per-step metrics")
+    profile: ProfileSection = field(ProfileSection, help="profiler (profile track)")
+    sweep: SweepSection = field(SweepSection, help="optimize track: one run per override set")
+    resume_check: ResumeCheckSection = field(ResumeCheckSection, help="resume track: the stop step and tolerance")
+
+    def validate(self) -> None:
+        m, s = self.model, self.steps
+        if self.task == "pretrain":
+            if not (m.preset or m.config or m.config_file):
+                raise ConfigError("task pretrain needs model.preset, model.config or model.config_file")
+            if not m.tokenizer:
+                raise ConfigError("task pretrain needs model.tokenizer (the tokenizer dir the data was built with)")
+        elif not m.path:
+            raise ConfigError(f"task {self.task} needs model.path (a pretrained model dir)")
+        for key, v in (("steps.max_steps", s.max_steps), ("steps.micro_batch_size", s.micro_batch_size),
+                       ("steps.grad_accum", s.grad_accum), ("checkpoint.keep_last", self.checkpoint.keep_last),
+                       ("lora.r", self.lora.r)):
+            if v < 1:
+                raise ConfigError(f"key '{key}' must be >= 1, got {v}")
+        if s.stop_after_steps is not None and not 0 < s.stop_after_steps < s.max_steps:
+            raise ConfigError(f"key 'steps.stop_after_steps' must be between 1 and steps.max_steps - 1 "
+                              f"({s.max_steps - 1}), got {s.stop_after_steps}")
+        if self.checkpoint.every_steps < 0:
+            raise ConfigError("key 'checkpoint.every_steps' must be >= 0")
+        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ConfigError(f"key 'optim.min_lr_ratio' must be in [0, 1], got {self.optim.min_lr_ratio}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"key 'optim.lr' must be > 0, got {self.optim.lr}")
+        if self.optim.warmup_steps < 0 or self.optim.warmup_steps >= s.max_steps:
+            raise ConfigError(f"key 'optim.warmup_steps' must be in [0, steps.max_steps), got "
+                              f"{self.optim.warmup_steps} with max_steps {s.max_steps}")
+        n = self.dist.nproc_per_node
+        if isinstance(n, str) and n != "auto" or isinstance(n, int) and n < 1:
+            raise ConfigError(f"key 'dist.nproc_per_node' must be 'auto' or an int >= 1, got {n!r}")
+        if self.backend in ("zero2", "zero3_offload") and not self.dist.deepspeed:
+            raise ConfigError(f"backend {self.backend} needs dist.deepspeed (a configs/ds/*.json file)")
+        if self.backend != "fsdp" and self.dist.fsdp_config:
+            raise ConfigError(f"dist.fsdp_config is set but backend is {self.backend}; use backend fsdp")
+        if self.backend not in ("zero2", "zero3_offload") and self.dist.deepspeed:
+            raise ConfigError(f"dist.deepspeed is set but backend is {self.backend}; use backend zero2 or "
+                              "zero3_offload")
+        if self.profile.enabled and self.profile.active < 1:
+            raise ConfigError("key 'profile.active' must be >= 1")
+        if self.eval.every_steps and not self.data.eval:
+            raise ConfigError("key 'eval.every_steps' is set but data.eval is empty")
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.task}-{self.track}-{self.backend}"

@@ -1,0 +1,154 @@
+"""Training building blocks without a training run: the FLOP formula against the model's own
+parameters, AdamW groups, checkpoint selection, plans, launch commands and the launchers'
+config composition (--dry-run)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forgelab import config as cfg
+from forgelab.train import checkpoint as ckpt
+from forgelab.train.config import TrainConfig
+from forgelab.train.entry import launch_command, make_plan, preflight
+from test_train_support import cpt_dir, sft_dir, tiny_sets, train_cli  # noqa: F401
+
+
+def _conf(*sets: str, files=("configs/train/cpt.yaml",)) -> TrainConfig:
+    from forgelab.runs import project_path
+    return cfg.load(TrainConfig, [project_path(f) for f in files], list(sets))
+
+
+def test_flops_formula_counts_from_the_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from forgelab.train.flops import count_model, flops_per_token, mfu, peak_flops
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    c = count_model(model)
+    emb = model.model.embed_tokens.weight.numel()
+    assert c.params == sum(p.numel() for p in model.parameters())  # tied head counted once
+    assert c.head_params == emb and c.non_embedding_params == c.params - emb
+    assert (c.layers, c.attention_width) == (2, 2 * 32)
+    want = 6 * (c.non_embedding_params + emb) + 12 * 2 * 64 * 64
+    assert flops_per_token(c, span=64) == want
+    assert mfu(1000.0, want, 1e12, 2) == pytest.approx(1000.0 * want / 2e12)
+    assert peak_flops(None, "NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
+    assert peak_flops(None, None, "fp32")[0] is None and peak_flops(5e11, None, "fp32")[0] == 5e11
+
+
+def test_lora_flops_count_frozen_weights_without_weight_gradients(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from forgelab.train.flops import count_model, flops_per_token
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    c = count_model(model, lora=True)
+    # 7 adapted linears per layer, each r * (in + out)
+    assert c.lora_params == c.trainable_params == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base = c.non_embedding_params + c.head_params
+    assert flops_per_token(c, 64, lora=True) == 4 * base + 6 * c.lora_params + 12 * 2 * 64 * 64
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgelab.train.optim import decay_parameter_names
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, attention_bias=True,
+                                     tie_word_embeddings=False))
+    names = set(decay_parameter_names(m))
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" in names
+    assert not any("norm" in n or n.endswith("bias") or "embed_tokens" in n for n in names)
+    assert all(p.ndim == 2 for n, p in m.named_parameters() if n in names)
+
+
+def test_checkpoint_selection_ignores_unfinished_saves(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / ckpt.MARKER).write_text("{}")
+    (tmp_path / ".staging-checkpoint-8" / "checkpoint-8").mkdir(parents=True)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2, 4]
+    path, msg = ckpt.resolve_resume("auto", tmp_path, lambda p: tmp_path / p)
+    assert path == tmp_path / "checkpoint-4" and "latest complete" in msg
+    assert ckpt.resolve_resume("none", tmp_path, lambda p: p)[0] is None
+    assert ckpt.resolve_resume("auto", tmp_path / "nothing", lambda p: p)[0] is None
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path, lambda p: tmp_path)[0] == tmp_path / "checkpoint-4"
+    with pytest.raises(cfg.ConfigError, match="neither a complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path, lambda p: tmp_path / "checkpoint-6")
+    assert ckpt.clean_staging(tmp_path) == [".staging-checkpoint-8"]
+    assert ckpt.rotate(tmp_path, 1) == ["checkpoint-2"] and (tmp_path / "checkpoint-6").exists()
+
+
+def test_plans_resume_track_and_sweep():
+    kind, steps = make_plan(_conf("resume_check.stop_at=5", "steps.max_steps=10", "run_name=r"))
+    assert kind == "resume" and [s.run_name for s in steps] == ["r-uninterrupted", "r-resumed", "r-resumed"]
+    assert 'steps.stop_after_steps=5' in steps[1].overrides and 'checkpoint.resume="auto"' in steps[2].overrides
+    with pytest.raises(cfg.ConfigError, match="stop_at"):
+        make_plan(_conf("resume_check.stop_at=10", "steps.max_steps=10"))
+    conf = _conf(files=("configs/train/cpt.yaml", "configs/train/tracks/optimize.yaml"))
+    kind, steps = make_plan(conf)
+    assert kind == "sweep" and len(steps) == len(conf.sweep.runs) == 5
+    assert steps[3].run_name == "cpt-optimize-single--03" and "runtime.torch_compile=true" in steps[3].overrides
+    # every variant is a valid config
+    for st in steps:
+        cfg.load(TrainConfig, [], st.overrides + ["model.path=m"])
+
+
+def test_launch_commands_for_backends_and_nodes(tiny_model_dir, cpt_dir, monkeypatch):
+    for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC"):
+        monkeypatch.delenv(k, raising=False)
+    base = tiny_sets(tiny_model_dir, cpt_dir)
+    sets = [base[i + 1] for i in range(0, len(base), 2)]
+    single = preflight(_conf(*sets), check_run_dir=False)
+    assert launch_command(single, ["--x"])[1:4] == ["-m", "forgelab.train.entry", "--worker"]
+    ddp = preflight(_conf(*sets, "backend=ddp"), check_run_dir=False)
+    cmd = launch_command(ddp, [])
+    assert "torch.distributed.run" in cmd and "--nproc_per_node=2" in cmd and "--standalone" in cmd
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("NPROC", "4")
+    ddp = preflight(_conf(*sets, "backend=ddp"), check_run_dir=False)
+    cmd = launch_command(ddp, [])
+    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1"} <= set(cmd)
+    z = preflight(_conf(*sets, "backend=zero2", "dist.deepspeed=configs/ds/zero2.json", "dist.launcher=deepspeed"),
+                  check_run_dir=False)
+    cmd = launch_command(z, [])
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and "--num_nodes" in cmd and "--module" in cmd
+    with pytest.raises(cfg.ConfigError, match="backend single runs one process"):
+        preflight(_conf(*sets), check_run_dir=False)
+
+
+def test_launchers_compose_task_track_and_backend(tiny_model_dir, cpt_dir, sft_dir):
+    r = train_cli("ddp", *tiny_sets(tiny_model_dir, cpt_dir), "--dry-run", launcher="scripts/06_train_cpt.sh")
+    assert "plan: single, 1 run(s)" in r.stdout and "- cpt:" in r.stdout
+    assert "configs/train/cpt.yaml" in r.stdout and "backends/ddp.yaml" in r.stdout
+    assert "torch.distributed.run" in r.stdout
+    r = train_cli(*tiny_sets(tiny_model_dir, sft_dir), "--dry-run", launcher="scripts/07_train_sft.sh")
+    assert "- sft_lora:" in r.stdout and "configs/train/sft_lora.yaml" in r.stdout
+    r = train_cli("zero3_offload", *tiny_sets(tiny_model_dir, cpt_dir), "--dry-run",
+                  launcher="scripts/train/optimize.sh")
+    assert "plan: sweep, 5 run(s)" in r.stdout and "cpt-optimize-zero3_offload--04" in r.stdout
+    r = train_cli("fsdp", "--task", "sft_full", *tiny_sets(tiny_model_dir, sft_dir), "--dry-run",
+                  launcher="scripts/train/resume.sh")
+    assert "plan: resume, 3 run(s)" in r.stdout and "sft-resume-fsdp-resumed" in r.stdout
+    r = train_cli("nope", launcher="scripts/train/bench.sh", check=False)
+    assert r.returncode == 2 and "unknown backend 'nope'" in r.stderr
+    r = train_cli("single", *tiny_sets(tiny_model_dir, cpt_dir), "--dry-run", launcher="scripts/train/bench.sh")
+    assert "tracks/bench.cpt.yaml" in r.stdout  # the track's task-specific overlay (fixed bench slice)
+
+
+def test_every_config_file_composes():
+    from forgelab.runs import project_path
+    root = project_path("configs/train")
+    for task in ("cpt", "pretrain", "sft_lora", "sft_full"):
+        for track in sorted(p.name for p in (root / "tracks").glob("*.yaml") if p.name.count(".") == 1):
+            for backend in sorted(p.name for p in (root / "backends").glob("*.yaml")):
+                c = cfg.load(TrainConfig, [root / f"{task}.yaml", root / "tracks" / track,
+                                           root / "backends" / backend])
+                assert c.backend == backend[:-5] and c.track == track[:-5]
+    for f in (project_path("configs/ds")).glob("*.json"):
+        assert "optimizer" not in json.loads(f.read_text())  # the Trainer's AdamW (param groups) is used
