@@ -158,7 +158,7 @@ def test_config_errors_stop_before_any_model_loads(tiny_model_dir, cpt_dir, tmp_
     assert "Loading weights" not in r.stderr and not (runs_dir() / "t-mismatch").exists()
     r = train_cli("--config", "configs/train/sft_lora.yaml", *tiny_sets(tiny_model_dir, cpt_dir), check=False)
     assert r.returncode == 2 and "holds CPT data but task sft needs SFT data" in r.stderr
-    r = train_cli("zero2", "--set", "dist.deepspeed=configs/ds/nope.json", check=False,
-                  launcher="scripts/train/sanity.sh")
+    r = train_cli("zero2", *tiny_sets(tiny_model_dir, cpt_dir), "--set", "dist.deepspeed=configs/ds/nope.json",
+                  check=False, launcher="scripts/train/sanity.sh")
     assert r.returncode == 2 and "nope.json" in r.stderr
     assert time.time() - t0 < 120  # six refusals, no training
