@@ -27,6 +27,18 @@ def project_path(p: str | Path) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+def runs_dir(stage: str | None = None) -> Path:
+    """runs/ (or $FORGELAB_RUNS_DIR, so tests and users can keep records elsewhere), or its
+    <stage>/ folder."""
+    root = project_path(os.environ.get("FORGELAB_RUNS_DIR", "runs"))
+    return root / stage if stage else root
+
+
+def logs_dir() -> Path:
+    """logs/ (or $FORGELAB_LOGS_DIR)."""
+    return project_path(os.environ.get("FORGELAB_LOGS_DIR", "logs"))
+
+
 def now_iso() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -156,14 +168,11 @@ class Run:
     def __init__(self, stage: str, config_obj: Any = None, run_name: str | None = None,
                  summary_name: str = "summary.json", runs_root: str | Path | None = None,
                  logs_root: str | Path | None = None, rank: int | None = None):
-        # FORGELAB_RUNS_DIR / FORGELAB_LOGS_DIR let tests (or users) keep records elsewhere.
-        runs_root = runs_root or os.environ.get("FORGELAB_RUNS_DIR", "runs")
-        logs_root = logs_root or os.environ.get("FORGELAB_LOGS_DIR", "logs")
         self.stage = stage
         self.config = config_obj
         self.run_name = run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.dir = project_path(runs_root) / stage / self.run_name
-        self.logs_root = project_path(logs_root)
+        self.dir = (project_path(runs_root) if runs_root else runs_dir()) / stage / self.run_name
+        self.logs_root = project_path(logs_root) if logs_root else logs_dir()
         self.summary_name = summary_name
         self.summary: dict = {}
         self.data_fingerprint: str | None = None

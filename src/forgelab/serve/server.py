@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import config as cfg
-from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, project_path, read_json, write_json
+from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, project_path, read_json, runs_dir, write_json
 from .client import Endpoint, RequestError, chat_once, get_json
 from .config import ServeConfig
 from .transformers_guard import KEY_ENV as GUARD_KEY_ENV
@@ -32,7 +32,7 @@ class ServeError(RuntimeError):
 
 
 def serve_root() -> Path:
-    return project_path(os.environ.get("FORGELAB_RUNS_DIR", "runs")) / "serve"
+    return runs_dir("serve")
 
 
 def server_dir(name: str) -> Path:

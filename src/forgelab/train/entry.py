@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .. import cli
 from .. import config as cfg
-from ..runs import project_path, read_json, write_json
+from ..runs import project_path, read_json, runs_dir, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataInfo, inspect
@@ -74,7 +74,7 @@ class Preflight:
 
 
 def runs_root() -> Path:
-    return project_path(os.environ.get("FORGELAB_RUNS_DIR", "runs")) / "train"
+    return runs_dir("train")
 
 
 def resolve_nproc(conf: TrainConfig) -> int:
