@@ -12,9 +12,10 @@ import torch
 from forgelab import config as cfg
 from forgelab.data.sft_dataset import SFTDataConfig
 from forgelab.data.sft_formats import convert, iter_records
-from forgelab.data.sft_store import IGNORE_INDEX, SFTDataset, check_packed_forward, collate_sft
+from forgelab.data.sft_store import IGNORE_INDEX, SFTDataset, check_packed_forward
 from forgelab.data.tokenize_sft import TokenizeSFTConfig, encode_conversation, tokenize_split
 from forgelab.runs import PROJECT_ROOT
+from forgelab.train.packing_check import packed_vs_alone, sample_spans
 
 TOL = 1e-5
 
@@ -57,10 +58,7 @@ def packed_store(tiny_model_dir, raw_data, tokenizer, tmp_path_factory):
 
 
 def samples_of(row):
-    """(start, end) of each sample in a packed row, from its position ids."""
-    pos = row["position_ids"].tolist()
-    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-    return list(zip(starts, starts[1:]))
+    return sample_spans(row["position_ids"])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -102,15 +100,10 @@ def test_packed_logits_match_each_sample_alone(tiny_model_dir, packed_store, att
         with pytest.raises(ValueError, match="use_cache is True"):
             check_packed_forward(model)
         model.config.use_cache = False
-        check_packed_forward(model)
-        feats = [packed_store[i] for i in rows]
-        batch = collate_sft(feats, pad_token_id=packed_store.meta["pad_token_id"], pad_to_multiple_of=64)
-        assert "attention_mask" not in batch
-        logits = model(**batch).logits
-        for r, f in enumerate(feats):
-            for a, b in samples_of(f):
-                alone = model(input_ids=f["input_ids"][None, a:b]).logits[0]
-                assert (logits[r, a:b] - alone).abs().max().item() <= TOL
+        res = packed_vs_alone(model, [packed_store[i] for i in rows], packed_store.meta["pad_token_id"], "cpu")
+        assert res["samples"] >= 4
+        assert res["max_abs_logit_diff"] <= TOL
+        assert res["naive_packing_min_abs_logit_diff"] > 1e-3
 
 
 def labelled_spans(labels):

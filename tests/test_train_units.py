@@ -152,3 +152,52 @@ def test_every_config_file_composes():
                 assert c.backend == backend[:-5] and c.track == track[:-5]
     for f in (project_path("configs/ds")).glob("*.json"):
         assert "optimizer" not in json.loads(f.read_text())  # the Trainer's AdamW (param groups) is used
+
+
+def test_sft_from_a_preset_is_a_random_init_benchmark_shape():
+    conf = _conf("model.path=null", "model.preset=tiny", "model.tokenizer=model/smollm2-135m-instruct",
+                 files=("configs/train/sft_lora.yaml",))
+    conf.validate()
+    assert conf.random_init and not _conf().random_init
+    with pytest.raises(cfg.ConfigError, match="model.tokenizer"):
+        _conf("model.path=null", "model.preset=tiny", files=("configs/train/sft_lora.yaml",)).validate()
+    with pytest.raises(cfg.ConfigError, match="needs model.path"):
+        _conf("model.path=null", files=("configs/train/sft_lora.yaml",)).validate()
+
+
+def test_cuda_speed_knobs_degrade_on_cpu_with_a_notice():
+    from forgelab.train.trainer import _choose_attn, apply_sdpa_backend
+    notices: list[str] = []
+    assert apply_sdpa_backend("cudnn", on_cuda=False, notices=notices) == "auto"
+    assert apply_sdpa_backend("auto", on_cuda=False, notices=notices) == "auto"
+    assert _choose_attn("flex_attention", on_cuda=False, notices=notices) == "sdpa"
+    assert len(notices) == 2 and "CUDA" in notices[0] and "flex_attention" in notices[1]
+
+
+def test_regional_compile_finds_the_blocks_and_keeps_the_outputs(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from forgelab.train.trainer import compile_blocks, decoder_blocks
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert decoder_blocks(model) is model.model.layers
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids)
+        notices: list[str] = []
+        assert compile_blocks(model, None, notices) == 2 and not notices
+        got = model(input_ids=ids, labels=ids)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    # state-dict names are unchanged, so checkpoints and final/ load without the compile
+    assert set(model.state_dict()) == set(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
+
+
+def test_collators_count_real_tokens_and_padded_slots():
+    import torch
+
+    from forgelab.train.data import SLOTS_KEY, TOKENS_KEY, SFTCollator
+    rows = [{"input_ids": torch.arange(5), "labels": torch.arange(5), "position_ids": torch.arange(5)},
+            {"input_ids": torch.arange(3), "labels": torch.arange(3), "position_ids": torch.arange(3)}]
+    b = SFTCollator(pad_token_id=0, pad_to_multiple_of=8)(rows)
+    assert (b[TOKENS_KEY], b[SLOTS_KEY]) == (8, 16)

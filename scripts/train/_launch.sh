@@ -9,6 +9,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 conf="$root/configs/train"
 track=${1-}; shift || true
+if [[ -z ${FORGELAB_COMMAND-} ]]; then  # recorded in train_summary.json as the command that made the run
+  FORGELAB_COMMAND="bash scripts/train/${track:-_launch}.sh$(printf ' %q' "$@")"; export FORGELAB_COMMAND
+fi
 backend=single
 if [[ $# -gt 0 && $1 != -* ]]; then backend=$1; shift; fi
 task=cpt

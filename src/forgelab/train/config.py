@@ -18,13 +18,15 @@ BACKENDS = ("single", "ddp", "fsdp", "zero2", "zero3_offload")
 @dataclass
 class ModelSection:
     path: Optional[str] = field(None, help="pretrained model dir (cpt, sft); a Hugging Face model directory")
-    preset: Optional[str] = field(None, help="pretrain: size preset name from forgelab.model.presets")
+    preset: Optional[str] = field(None, help="pretrain: size preset name from forgelab.model.presets; sft "
+                                             "without model.path: a random-init model of that shape (benchmarks)")
     config: dict[str, Any] = field({}, help="pretrain: transformers config as a dict "
                                             "(model_type + sizes); overrides the preset's values")
     config_file: Optional[str] = field(None, help="pretrain: a transformers config.json to build the model from")
     tokenizer: Optional[str] = field(None, help="tokenizer dir; defaults to model.path (required for pretrain)")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
-        "sdpa", help="attention kernel; flash_attention_* falls back to sdpa (with a notice) when unavailable")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = field(
+        "sdpa", help="attention kernel; flex_attention skips the masked blocks of packed rows (block-sparse); "
+                     "flash_attention_* falls back to sdpa (with a notice) when unavailable")
     init_seed: Optional[int] = field(None, help="pretrain: seed of the random init (default: seed)")
 
 
@@ -88,8 +90,16 @@ class RuntimeSection:
         "auto", help="mixed precision: auto = bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
     torch_compile: bool = field(False, help="torch.compile the model")
-    compile_mode: Optional[str] = field(None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    compile_mode: Optional[str] = field(None, help="torch.compile mode (default, reduce-overhead = CUDA graphs, "
+                                                   "max-autotune)")
+    compile_scope: Literal["model", "blocks"] = field(
+        "model", help="what torch_compile compiles: the whole model, or each decoder block plus the loss "
+                      "(regional: one block's graph is reused, so compiling takes seconds)")
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = field(
+        "auto", help="SDPA kernel on CUDA (auto = PyTorch's choice); cudnn and flash keep a fallback for masks")
     liger_kernel: bool = field(False, help="Liger Triton kernels (CUDA + liger-kernel installed; else a notice)")
+    liger_kernel_config: dict[str, Any] = field({}, help="which Liger kernels (rope, rms_norm, swiglu, "
+                                                         "fused_linear_cross_entropy: true/false); {} = all")
     tf32: bool = field(True, help="allow TF32 matmuls on CUDA")
     threads: Optional[int] = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS or torch's)")
 
@@ -192,8 +202,11 @@ class TrainConfig:
                 raise ConfigError("task pretrain needs model.preset, model.config or model.config_file")
             if not m.tokenizer:
                 raise ConfigError("task pretrain needs model.tokenizer (the tokenizer dir the data was built with)")
-        elif not m.path:
+        elif not m.path and not (self.task == "sft" and m.preset):
             raise ConfigError(f"task {self.task} needs model.path (a pretrained model dir)")
+        if self.random_init and not m.tokenizer:
+            raise ConfigError("a model built from model.preset needs model.tokenizer (the tokenizer dir the data "
+                              "was built with)")
         for key, v in (("steps.max_steps", s.max_steps), ("steps.micro_batch_size", s.micro_batch_size),
                        ("steps.grad_accum", s.grad_accum), ("checkpoint.keep_last", self.checkpoint.keep_last),
                        ("lora.r", self.lora.r)):
@@ -225,6 +238,11 @@ class TrainConfig:
             raise ConfigError("key 'profile.active' must be >= 1")
         if self.eval.every_steps and not self.data.eval:
             raise ConfigError("key 'eval.every_steps' is set but data.eval is empty")
+
+    @property
+    def random_init(self) -> bool:
+        """The model is built from a config with random weights (pretrain, or an sft benchmark shape)."""
+        return self.task == "pretrain" or (self.task == "sft" and not self.model.path and bool(self.model.preset))
 
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.task}-{self.track}-{self.backend}"

@@ -1,9 +1,9 @@
 """Training data: the tokenized CPT blocks and SFT stores, their collators, and the facts the
 run records (seq_len, fingerprints, token counts).
 
-Collators add one plain int per batch (``TOKENS_KEY``: real, non-padding tokens) so that the
-trainer counts tokens on the host, without a device sync; the trainer pops it before the
-forward pass.
+Collators add plain ints per batch (``TOKENS_KEY``: real, non-padding tokens; ``SLOTS_KEY``:
+token slots including padding) so that the trainer counts tokens and padding waste on the
+host, without a device sync; the trainer pops them before the forward pass.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from ..config import ConfigError
 
 TOKENS_KEY = "_forgelab_tokens"
+SLOTS_KEY = "_forgelab_slots"     # token slots of the batch, padding included (for padding waste)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class CPTCollator:
         import torch
         batch = {"input_ids": torch.stack([f["input_ids"] for f in features]),
                  "labels": torch.stack([f["labels"] for f in features])}
-        batch[TOKENS_KEY] = int(batch["input_ids"].numel())
+        batch[TOKENS_KEY] = batch[SLOTS_KEY] = int(batch["input_ids"].numel())
         return batch
 
 
@@ -102,6 +103,7 @@ class SFTCollator:
         from ..data.sft_store import collate_sft
         batch = collate_sft(features, self.pad_token_id, self.pad_to_multiple_of)
         batch[TOKENS_KEY] = int(sum(len(f["input_ids"]) for f in features))
+        batch[SLOTS_KEY] = int(batch["input_ids"].numel())
         return batch
 
 

@@ -148,7 +148,7 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
     except FileNotFoundError as e:
         raise cfg.ConfigError(f"key 'model.tokenizer': {e}") from None
 
-    if conf.task == "pretrain":
+    if conf.random_init:
         model_config, source = _pretrain_config(conf)
     else:
         path = project_path(m.path)
@@ -172,7 +172,7 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
         raise cfg.ConfigError(f"data seq_len {train.seq_len} exceeds the model's max_position_embeddings {max_pos}")
     vocab = text_conf.get("vocab_size")
     data_vocab = train.meta.get("vocab_size")
-    if conf.task != "pretrain" and vocab and data_vocab and int(data_vocab) > int(vocab):
+    if not conf.random_init and vocab and data_vocab and int(data_vocab) > int(vocab):
         raise cfg.ConfigError(f"data vocab_size {train.meta['vocab_size']} exceeds the model's vocab_size {vocab}")
 
     ds_config = None
@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_session(pre, json.loads(args.plan_info) if args.plan_info else {})
 
     _driver_logging()
+    # the user's command, recorded in every run's summary (launchers set it before calling us)
+    os.environ.setdefault("FORGELAB_COMMAND", shlex.join(["python", "scripts/train.py", *(argv or sys.argv[1:])]))
     kind, steps = make_plan(conf)
     # every run of the plan is validated, with its data, before the first one starts
     pres = []

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from ..runs import Run, read_json, write_json
 from . import checkpoint as ckpt
 from .callbacks import MetricsCallback, SaveTimer, StopCallback, read_metrics, truncate_metrics
-from .data import TOKENS_KEY, CPTCollator, SFTCollator, attention_span, open_dataset
+from .data import SLOTS_KEY, TOKENS_KEY, CPTCollator, SFTCollator, attention_span, open_dataset
 from .flops import count_model, flops_per_token, mfu, peak_flops
 from .optim import decay_parameter_names, optimizer_name, scheduler_args
 from .profiling import ProfilerCallback, StepTimers, comms_from_trace
@@ -48,6 +48,8 @@ class ForgeTrainer(Trainer):
         self.fpt = flops_per_token
         self.saved: list[dict] = []
         self._step_tokens = 0
+        self.local_tokens = 0  # this rank's real and padded token slots over the session
+        self.local_slots = 0
         self._staging: str | None = None
         self._micro_end = 0.0
         self.add_callback(_PhaseCallback(self))
@@ -63,11 +65,15 @@ class ForgeTrainer(Trainer):
         with self.timers.time("data"):
             batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         for b in batches:
-            self._step_tokens += int(b.pop(TOKENS_KEY, 0))
+            n = int(b.pop(TOKENS_KEY, 0))
+            self._step_tokens += n
+            self.local_tokens += n
+            self.local_slots += int(b.pop(SLOTS_KEY, n))
         return batches, n_items
 
     def _prepare_inputs(self, inputs):
-        inputs.pop(TOKENS_KEY, None)  # evaluation batches reach here with the count still in
+        inputs.pop(TOKENS_KEY, None)  # evaluation batches reach here with the counts still in
+        inputs.pop(SLOTS_KEY, None)
         return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
@@ -147,6 +153,13 @@ def _choose_precision(want: str, on_cuda: bool, notices: list[str]) -> str:
 
 
 def _choose_attn(want: str, on_cuda: bool, notices: list[str]) -> str:
+    if want == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+        if not on_cuda or not is_torch_flex_attn_available():
+            # PyTorch's CPU flex attention has no backward pass
+            notices.append("flex_attention trains on CUDA only (torch has no CPU backward for it); using sdpa, "
+                           "which builds the same block-diagonal mask from the position ids")
+            return "sdpa"
     if want.startswith("flash_attention"):
         pkg = "flash_attn_interface" if want == "flash_attention_3" else "flash_attn"
         if not on_cuda or importlib.util.find_spec(pkg) is None:
@@ -163,6 +176,50 @@ def _choose_liger(want: bool, on_cuda: bool, notices: list[str]) -> bool:
         notices.append("runtime.liger_kernel is on but liger-kernel is not installed; running without it")
         return False
     return want
+
+
+def apply_sdpa_backend(want: str, on_cuda: bool, notices: list[str]) -> str:
+    """Pin PyTorch's SDPA kernel choice (process-wide flags, read when a graph is traced).
+    cudnn and flash keep the memory-efficient kernel (flash) or math (cudnn) as the fallback
+    for what they cannot run, such as the dense masks of packed rows under sdpa."""
+    if want == "auto":
+        return want
+    if not on_cuda:
+        notices.append(f"runtime.sdpa_backend {want} is a CUDA setting; CPU uses PyTorch's own choice")
+        return "auto"
+    b = torch.backends.cuda
+    on = {"flash": ("flash", "efficient", "math"), "cudnn": ("cudnn", "math"),
+          "efficient": ("efficient", "math"), "math": ("math",)}[want]
+    b.enable_flash_sdp("flash" in on)
+    b.enable_cudnn_sdp("cudnn" in on)
+    b.enable_mem_efficient_sdp("efficient" in on)
+    b.enable_math_sdp(True)
+    return want
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList | None:
+    """The decoder's layer list (through a peft wrapper too): the ModuleList as long as the
+    config's num_hidden_layers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = getattr(base.config.get_text_config(), "num_hidden_layers", None)
+    for m in base.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return m
+    return None
+
+
+def compile_blocks(model, mode: str | None, notices: list[str]) -> int:
+    """Regional compilation: each decoder block (all share one graph, so it compiles once) and
+    the loss (fuses the logits' upcast, log-softmax and gather)."""
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        notices.append("runtime.compile_scope blocks: no decoder layer list found; compiling the whole model")
+        return 0
+    for b in blocks:
+        b.compile(mode=mode)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.loss_function = torch.compile(base.loss_function, mode=mode)
+    return len(blocks)
 
 
 def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices: list[str]):
@@ -196,7 +253,8 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         bf16=precision == "bf16", fp16=precision == "fp16", tf32=(rt.tf32 if on_cuda else None),
         activation_checkpointing=rt.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if rt.gradient_checkpointing else None,
-        torch_compile=rt.torch_compile, torch_compile_mode=rt.compile_mode, use_liger_kernel=liger,
+        torch_compile=rt.torch_compile and rt.compile_scope == "model", torch_compile_mode=rt.compile_mode,
+        use_liger_kernel=liger, liger_kernel_config=(rt.liger_kernel_config or None) if liger else None,
         logging_strategy="steps", logging_steps=1, logging_nan_inf_filter=False, report_to="none",
         disable_tqdm=False, include_num_input_tokens_seen="no", skip_memory_metrics=True,
         save_strategy="steps" if conf.checkpoint.every_steps else "no",
@@ -259,7 +317,7 @@ def model_config(pre, tokenizer, notices: list[str]):
 
     from ..config import ConfigError
     from ..runs import project_path
-    if pre.conf.task != "pretrain":
+    if not pre.conf.random_init:
         return AutoConfig.from_pretrained(project_path(pre.conf.model.path))
     d = dict(pre.model_config)
     model_type = d.pop("model_type")
@@ -288,9 +346,17 @@ def build_model(pre, mc, on_cuda: bool, notices: list[str]):
     from ..runs import project_path
     conf = pre.conf
     attn = _choose_attn(conf.model.attn_implementation, on_cuda, notices)
-    if conf.task == "pretrain":
+    if conf.random_init:
+        if conf.task != "pretrain":
+            notices.append(f"model.preset {conf.model.preset} without model.path: random-init weights (a "
+                           "benchmark shape, not a fine-tune)")
         set_seed(conf.model.init_seed if conf.model.init_seed is not None else conf.seed)
-        model = AutoModelForCausalLM.from_config(mc, dtype=torch.float32, attn_implementation=attn)
+        # random init straight on the GPU (seconds instead of minutes for billions of parameters
+        # on the host); ZeRO-3 and FSDP place the weights themselves
+        on_gpu_init = on_cuda and conf.backend in ("single", "ddp")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu_init else torch.device("cpu")
+        with dev:
+            model = AutoModelForCausalLM.from_config(mc, dtype=torch.float32, attn_implementation=attn)
         model.generation_config = GenerationConfig(bos_token_id=mc.bos_token_id, eos_token_id=mc.eos_token_id,
                                                    pad_token_id=mc.pad_token_id)
     else:
@@ -413,6 +479,11 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                 run.log.info("pre-flight estimate: peak %.2f GiB, %s steps",
                              estimate.get("peak_memory_bytes", 0) / 2**30, estimate.get("steps"))
             model = build_model(pre, mc, on_cuda, notices)
+            sdpa = apply_sdpa_backend(conf.runtime.sdpa_backend, on_cuda, notices)
+            if conf.runtime.torch_compile and conf.runtime.compile_scope == "blocks":
+                n_compiled = compile_blocks(model, conf.runtime.compile_mode, notices)
+                if n_compiled:
+                    run.log.info("torch.compile: %d decoder blocks + the loss (regional)", n_compiled)
             for n in notices:
                 run.log.warning("notice: %s", n)
             counts = count_model(model, lora=lora)
@@ -500,6 +571,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
             else:
                 est = {"predicted": None, "note": est_note}
             run.summary.update({
+                "command": os.environ.get("FORGELAB_COMMAND"),
                 "task": conf.task, "sft_mode": conf.sft.mode if conf.task == "sft" else None,
                 "track": conf.track, "backend": conf.backend, "world_size": world,
                 "nodes": pre.nnodes, "device": {"type": "cuda" if on_cuda else "cpu", "name": dev_name,
@@ -507,7 +579,12 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                 "precision": precision, "attn_implementation": model.config.get_text_config()._attn_implementation
                 if hasattr(model.config, "get_text_config") else None,
                 "gradient_checkpointing": conf.runtime.gradient_checkpointing,
-                "torch_compile": conf.runtime.torch_compile, "liger_kernel": liger,
+                "torch_compile": conf.runtime.torch_compile,
+                "compile_scope": conf.runtime.compile_scope if conf.runtime.torch_compile else None,
+                "compile_mode": conf.runtime.compile_mode if conf.runtime.torch_compile else None,
+                "sdpa_backend": sdpa, "liger_kernel": liger,
+                "liger_kernel_config": conf.runtime.liger_kernel_config if liger else None,
+                "fused_adamw": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
                 "dataloader_workers": conf.data.num_workers,
                 "model": {"name": Path(conf.model.path).name if conf.model.path else
                           (conf.model.preset or "custom"), "source": pre.model_source, **counts.as_dict()},
@@ -520,6 +597,8 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                 "micro_batch_size": conf.steps.micro_batch_size, "grad_accum": conf.steps.grad_accum,
                 "global_batch": global_batch, "tokens_per_step": tokens_step_mean,
                 "tokens_per_step_capacity": global_batch * pre.train.seq_len,
+                "padding_waste": (1 - trainer.local_tokens / trainer.local_slots) if trainer.local_slots else None,
+                "padding_waste_note": "1 - real tokens / token slots of the batches rank 0 trained on",
                 "steps": trainer.state.global_step, "max_steps": conf.steps.max_steps,
                 "steps_this_session": steps_done, "stopped_early": stopped_early,
                 "tokens": int(trainer.state.num_input_tokens_seen),

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# GPU performance batch (one H100): the levers of reports/gpu_performance.md, each run through
+# the project's own launcher (scripts/train/bench.sh), so every train_summary.json records its
+# command. Parts (run in the order given; default "cpt17"):
+#   cpt17  Qwen3-1.7B shape, seq 2048: the Trainer baseline (LLaMA-Factory / ms-swift defaults)
+#          and tuned settings with the same global batch, side by side
+#   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
+#   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
+#          vs packed rows (flex attention / sdpa, compile)
+#   pack   the packing check (per-sample logits, packed vs alone) on the GPU, sdpa and flex
+# Inputs: .gpu/tok, .gpu/cpt2048, .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
+# .whl (transformers, peft, liger-kernel wheels). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
+# usage: OUT=dir BUDGET_S=560 bash scripts/gpu/perf.sh cpt17 [cpt06 sft17 pack]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false FORGELAB_RUNS_DIR=$PWD/runs FORGELAB_LOGS_DIR=$PWD/logs
+t0=$(date +%s); deadline=$(( t0 + ${BUDGET_S:-560} ))
+el() { echo "[+$(( $(date +%s) - t0 ))s] $*"; }
+names=()
+save() {
+  tar czf "$OUT/perf_runs.tgz" --exclude='checkpoint-*' --exclude='final' --exclude='*.safetensors' \
+    --exclude='*.pt.trace.json*' "${names[@]/#/runs/train/}" 2>/dev/null
+}
+summary() {  # one line per run from its train_summary.json
+  python3 - "$1" <<'EOF'
+import json, sys
+p = f"runs/train/{sys.argv[1]}/train_summary.json"
+try:
+    d = json.load(open(p))
+except Exception as e:
+    print(f"  {sys.argv[1]}: no summary ({e.__class__.__name__})"); sys.exit()
+g = lambda k: d.get(k)
+print(f"  {sys.argv[1]}: status {g('status')} tok/s {g('tokens_per_s_steady') or 0:,.0f} MFU {g('mfu_steady') or 0:.3f} "
+      f"peak {(g('peak_memory_bytes') or 0)/2**30:.1f} GiB loss {g('final_loss')} waste {g('padding_waste')}")
+EOF
+}
+# bench NAME TIMEOUT [bench.sh args...]: one run, bounded by its timeout and the batch's deadline
+bench() {
+  local name=$1 t=$2; shift 2
+  local left=$(( deadline - $(date +%s) - 15 ))
+  (( left < 45 )) && { el "skip $name (budget)"; return; }
+  (( t > left )) && t=$left
+  names+=("$name"); el "run $name (timeout ${t}s)"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name timeout "$t" bash scripts/train/bench.sh single "$@" \
+    --run-name "$name" > "runs/$name.log" 2>&1 || el "  $name exited $? (log tail below)"
+  grep -E "Error|error:|OutOfMemory" "runs/$name.log" | tail -3
+  cp "runs/$name.log" "runs/train/$name/stdout.log" 2>/dev/null
+  summary "$name"; save
+}
+
+P17=(--task pretrain --set model.preset=qwen3-1.7b --set model.tokenizer=.gpu/tok --set data.train=.gpu/cpt2048/train
+     --set steps.max_steps=14 --set optim.warmup_steps=2 --set metrics.steady_skip_steps=4)
+P06=(--task pretrain --set model.preset=qwen3-0.6b --set model.tokenizer=.gpu/tok --set data.train=.gpu/cpt2048/train
+     --set steps.max_steps=14 --set optim.warmup_steps=2 --set metrics.steady_skip_steps=4)
+S17=(--task sft_lora --set model.path=null --set model.preset=qwen3-1.7b --set model.tokenizer=.gpu/tok
+     --set lora.r=64 --set lora.alpha=128 --set lora.dropout=0.05 --set lora.target_modules=all-linear
+     --set optim.lr=1e-4 --set steps.max_steps=12 --set optim.warmup_steps=2 --set metrics.steady_skip_steps=4)
+TUNED=(--set runtime.torch_compile=true --set runtime.gradient_checkpointing=false)
+
+for part in "${@:-cpt17}"; do
+  case $part in
+    cpt17)
+      bench p17-trainer-default 150 "${P17[@]}" --set runtime.gradient_checkpointing=true \
+        --set steps.micro_batch_size=2 --set steps.grad_accum=8
+      bench p17-compile-b4 210 "${P17[@]}" "${TUNED[@]}" --set steps.micro_batch_size=4 --set steps.grad_accum=4
+      bench p17-compile-b4-cudnn 210 "${P17[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
+        --set steps.micro_batch_size=4 --set steps.grad_accum=4
+      bench p17-blocks-b4-cudnn 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
+      bench p17-compile-b8-cudnn 210 "${P17[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
+        --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      ;;
+    cpt06)
+      bench p06-compile-b8-cudnn 180 "${P06[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
+        --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      ;;
+    sft17)
+      bench s17-lora-padded-b8-ckpt 120 "${S17[@]}" --set data.train=.gpu/sft_gsm_rows/train \
+        --set runtime.gradient_checkpointing=true --set steps.micro_batch_size=8 --set steps.grad_accum=1
+      bench s17-lora-packed-flex-compile 200 "${S17[@]}" "${TUNED[@]}" --set data.train=.gpu/sft_gsm_packed/train \
+        --set data.pad_to_multiple_of=4096 --set model.attn_implementation=flex_attention \
+        --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      bench s17-lora-packed-sdpa-compile 200 "${S17[@]}" "${TUNED[@]}" --set data.train=.gpu/sft_gsm_packed/train \
+        --set data.pad_to_multiple_of=4096 --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      ;;
+    pack)
+      el "packing check"
+      timeout $(( deadline - $(date +%s) - 10 )) python3 scripts/check_packing.py --data .gpu/sft_gsm_packed/train \
+        --preset qwen3-0.6b --tokenizer .gpu/tok --device cuda --attn sdpa flex_attention --max-samples 12 \
+        --out "$OUT/packing_check_gpu.json" 2>&1 | grep -vi warn | tail -4
+      ;;
+    *) echo "unknown part $part (cpt17 cpt06 sft17 pack)" >&2 ;;
+  esac
+done
+save; el "done"
