@@ -7,6 +7,7 @@ directories only (runs/train/<run>/), so any report can be rebuilt later.
   python scripts/12_report.py optimization --metric mfu_steady
   python scripts/12_report.py resume | profile | comms
   python scripts/12_report.py benchmark --runs cpt-bench-single cpt-bench-ddp   # exactly these runs
+  python scripts/12_report.py gpu_performance          # targets answered by the runs named in --spec
 
 Runs whose protocol differs (data fingerprint, sequence length, tokens per step) are put in
 separate tables, with the differing key named; --allow-mixed-protocols compares them anyway.
@@ -22,7 +23,9 @@ from forgelab.report.runs import ProtocolError, ReportError
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=[*KINDS, "all"], help="which report")
+    p.add_argument("kind", choices=[*KINDS, "gpu_performance", "all"], help="which report")
+    p.add_argument("--spec", default="configs/report/gpu_performance.yaml",
+                   help="gpu_performance: which runs answer which target")
     p.add_argument("--runs-root", default="runs/train", help="where the training run dirs are")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="exactly these run dirs (names under --runs-root or paths)")
     p.add_argument("--track", action="append", help="runs of this track (repeatable; default per report: "
@@ -37,6 +40,11 @@ def main() -> int:
     a = p.parse_args()
     command = "python scripts/12_report.py " + shlex.join(sys.argv[1:])
     try:
+        if a.kind == "gpu_performance":
+            from forgelab.report.gpu_performance import build_gpu_performance
+            md, js = build_gpu_performance(a.spec, a.runs_root, a.out, command)
+            print(f"{md}\n{js}")
+            return 0
         if a.kind == "all":
             res = build_all(a.runs_root, a.out, a.prefix, a.allow_mixed_protocols, a.task, command=command,
                             log=lambda m: print(m, file=sys.stderr))

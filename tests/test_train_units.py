@@ -201,3 +201,14 @@ def test_collators_count_real_tokens_and_padded_slots():
             {"input_ids": torch.arange(3), "labels": torch.arange(3), "position_ids": torch.arange(3)}]
     b = SFTCollator(pad_token_id=0, pad_to_multiple_of=8)(rows)
     assert (b[TOKENS_KEY], b[SLOTS_KEY]) == (8, 16)
+
+
+def test_compile_on_cuda_only_runs_eager_on_cpu():
+    from forgelab.train.trainer import _choose_compile
+    notices: list[str] = []
+    assert _choose_compile("cuda", on_cuda=False, notices=notices) is False and notices
+    assert _choose_compile("cuda", on_cuda=True, notices=[]) is True
+    assert _choose_compile(True, on_cuda=False, notices=[]) is True
+    assert _conf("runtime.torch_compile=cuda").runtime.torch_compile == "cuda"
+    with pytest.raises(cfg.ConfigError, match="torch_compile"):
+        _conf("runtime.torch_compile=gpu")

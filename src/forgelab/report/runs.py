@@ -67,7 +67,10 @@ class RunRecord:
 
     @property
     def launch(self) -> str:
-        """The launcher command of this run (task, track, backend and sweep overrides)."""
+        """The command that launched this run (recorded since the summaries carry it; older runs:
+        the launcher with task, track, backend and sweep overrides)."""
+        if self.get("command"):
+            return str(self.get("command"))
         task = self.get("task", "cpt")
         if task == "sft":
             task = "sft_full" if self.get("sft_mode") == "full" else "sft_lora"

@@ -89,7 +89,8 @@ class RuntimeSection:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
         "auto", help="mixed precision: auto = bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU")
     gradient_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
-    torch_compile: bool = field(False, help="torch.compile the model")
+    torch_compile: Union[bool, Literal["cuda"]] = field(
+        False, help="torch.compile the model: true, false, or cuda (on CUDA only; CPU runs eager with a notice)")
     compile_mode: Optional[str] = field(None, help="torch.compile mode (default, reduce-overhead = CUDA graphs, "
                                                    "max-autotune)")
     compile_scope: Literal["model", "blocks"] = field(

@@ -168,6 +168,13 @@ def _choose_attn(want: str, on_cuda: bool, notices: list[str]) -> str:
     return want
 
 
+def _choose_compile(want, on_cuda: bool, notices: list[str]) -> bool:
+    if want == "cuda" and not on_cuda:
+        notices.append("runtime.torch_compile is 'cuda': CPU runs eager (compiling pays off on GPUs)")
+        return False
+    return bool(want)
+
+
 def _choose_liger(want: bool, on_cuda: bool, notices: list[str]) -> bool:
     if want and not on_cuda:
         notices.append("Liger kernels need CUDA (Triton); running without them")
@@ -453,6 +460,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
         torch.set_num_threads(conf.runtime.threads)
     precision = _choose_precision(conf.runtime.precision, on_cuda, notices)
     liger = _choose_liger(conf.runtime.liger_kernel, on_cuda, notices)
+    conf.runtime.torch_compile = _choose_compile(conf.runtime.torch_compile, on_cuda, notices)  # resolved, recorded
     tokenizer = AutoTokenizer.from_pretrained(pre.tokenizer_dir)
     mc = model_config(pre, tokenizer, notices)
     # before the TrainingArguments exist: under ZeRO-3 they turn every model build into a

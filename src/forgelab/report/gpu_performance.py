@@ -1,0 +1,200 @@
+"""reports/gpu_performance.md: the GPU performance targets, each answered by named training runs
+(their train_summary.json and metrics.jsonl), the levers tried with their measured effect, the
+packing check run on the GPU and the memory estimator's record.
+
+Which run answers which target is written down in a spec (configs/report/gpu_performance.yaml),
+so the report states its evidence and can be rebuilt from the run directories at any time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..runs import project_path, read_json
+from .render import Report, gib, num, pct, table
+from .runs import RunRecord, ReportError, discover, protocol_differences
+
+MFU_FORMULA = ("MFU = tokens/s x (6 x (non-embedding params + LM-head params) + 12 x layers x attention width x "
+               "sequence length) / 989e12 FLOP/s (H100 dense bf16). For LoRA the weight gradients of frozen "
+               "weights are not computed: 4 x (non-embedding + LM-head) + 6 x LoRA params + 12 x L x A x span, "
+               "where span is the mean attention span of a packed sample (sum len^2 / sum len).")
+
+
+def _run(runs: dict[str, RunRecord], name: str | None, what: str) -> RunRecord | None:
+    if not name:
+        return None
+    if name not in runs:
+        raise ReportError(f"spec: {what} names run '{name}', which has no train_summary.json")
+    return runs[name]
+
+
+def loss_agreement(a: RunRecord, b: RunRecord) -> dict:
+    """Per-step loss of two runs of one protocol: the largest relative difference."""
+    la = {m["step"]: m["loss"] for m in a.metrics if m.get("loss") is not None}
+    lb = {m["step"]: m["loss"] for m in b.metrics if m.get("loss") is not None}
+    steps = sorted(set(la) & set(lb))
+    rel = [abs(la[s] - lb[s]) / abs(la[s]) for s in steps if la[s]]
+    return {"steps": len(steps), "max_rel_diff": max(rel) if rel else None,
+            "final_loss": [la.get(steps[-1]) if steps else None, lb.get(steps[-1]) if steps else None]}
+
+
+def _speed_row(r: RunRecord) -> list[Any]:
+    return [r.name, num(r.get("tokens_per_s_steady"), 0), pct(r.get("mfu_steady")), gib(r.get("peak_memory_bytes")),
+            r.get("micro_batch_size"), r.get("grad_accum"), "on" if r.get("gradient_checkpointing") else "off",
+            (r.get("compile_scope") or "model") if r.get("torch_compile") else "off",
+            r.get("attn_implementation"), r.get("sdpa_backend"), "yes" if r.get("liger_kernel") else "no",
+            num(r.get("final_loss"), 3)]
+
+
+SPEED_HEADERS = ["run", "tokens/s (steady)", "MFU", "peak GiB", "micro batch", "accum", "checkpointing",
+                 "compile", "attention", "SDPA backend", "Liger", "final loss"]
+
+
+def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train", out_dir: str | Path = "reports",
+                          command: str = "") -> tuple[Path, Path]:
+    spec_path = project_path(spec_path)
+    try:
+        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ReportError(f"{spec_path} does not exist") from None
+    names = sorted({n for t in (spec.get("targets") or {}).values() for k in ("run", "baseline_run")
+                    if (n := t.get(k))} | {n for lv in spec.get("levers") or [] for n in (lv["base"], lv["with"])}
+                   | set(spec.get("runs") or []))
+    runs = {r.name: r for r in discover(root, names)} if names else {}
+    rep = Report("gpu_performance", spec.get("title", "GPU performance"), out_dir)
+    first = next(iter(runs.values()), None)
+    device = first.get("device.name") if first else None
+    rep.data.update(device=device, spec=os.path.relpath(spec_path, project_path(".")), mfu_formula=MFU_FORMULA)
+    rep.add(spec.get("intro", "").strip(), "", f"Device: {device}. " + (spec.get("setup", "").strip()), "",
+            f"**{MFU_FORMULA}**", "")
+
+    # --- targets
+    rows, tdata = [], {}
+    for key, t in (spec.get("targets") or {}).items():
+        r = _run(runs, t.get("run"), f"target {key}")
+        d: dict[str, Any] = {"what": t.get("what", key), "run": t.get("run")}
+        if "min_mfu" in t:
+            v = r.get("mfu_steady") if r else None
+            d.update(measured=v, target=f">= {pct(t['min_mfu'])} MFU", met=v is not None and v >= t["min_mfu"])
+            shown = f"{pct(v)} MFU ({num(r.get('tokens_per_s_steady'), 0)} tokens/s)" if r else "not run"
+        elif "baseline_run" in t or "baseline_tokens_per_s" in t:
+            base = _run(runs, t.get("baseline_run"), f"target {key}")
+            base_tps = t.get("baseline_tokens_per_s") or (base.get("tokens_per_s_steady") if base else None)
+            v = r.get("tokens_per_s_steady") if r else None
+            ratio = v / base_tps if v and base_tps else None
+            met = ratio is not None and ratio >= t["min_ratio"]
+            d.update(measured=ratio, tokens_per_s=v, baseline_tokens_per_s=base_tps,
+                     baseline_source=t.get("baseline_source") or (base.name if base else None),
+                     target=f">= {t['min_ratio']}x")
+            shown = f"{num(ratio, 2)}x ({num(v, 0)} vs {num(base_tps, 0)} tokens/s)" if ratio else "not run"
+            if "max_padding_waste" in t:
+                w = r.get("padding_waste") if r else None
+                d["padding_waste"] = w
+                met = met and w is not None and w <= t["max_padding_waste"]
+                shown += f"; padding waste {pct(w)} (target <= {pct(t['max_padding_waste'])})"
+            if t.get("loss_check") and base is not None and r is not None:
+                diffs = protocol_differences(base, r)
+                agree = loss_agreement(base, r)
+                d.update(loss_agreement=agree, protocol_differences=diffs, loss_tolerance=t["loss_check"])
+                ok = not diffs and agree["max_rel_diff"] is not None and agree["max_rel_diff"] <= t["loss_check"]
+                met = met and ok
+                shown += (f"; loss curves over {agree['steps']} steps: max relative difference "
+                          f"{pct(agree['max_rel_diff'])} (tolerance {pct(t['loss_check'])})"
+                          + (f"; protocols differ: {', '.join(diffs)}" if diffs else ""))
+            d["met"] = met
+        else:
+            raise ReportError(f"spec: target {key} needs min_mfu, or min_ratio with baseline_run / "
+                              "baseline_tokens_per_s")
+        tdata[key] = d
+        rows.append([d["what"], d["target"], shown, "**met**" if d["met"] else "not met", f"`{t.get('run')}`"])
+    rep.data["targets"] = tdata
+    rep.add("## Targets", "", table(["target", "wanted", "measured", "result", "run"], rows), "")
+    for key, t in (spec.get("targets") or {}).items():
+        if t.get("loss_check") and tdata[key].get("loss_agreement"):
+            pair = [runs[t["baseline_run"]], runs[t["run"]]]
+            rep.plot(f"loss_{key}", _loss(pair), f"loss curves: {t['baseline_run']} vs {t['run']}")
+
+    # --- levers
+    lv_rows, lv_data = [], []
+    for lv in spec.get("levers") or []:
+        a, b = runs[lv["base"]], runs[lv["with"]]
+        ta, tb = a.get("tokens_per_s_steady"), b.get("tokens_per_s_steady")
+        eff = tb / ta if ta and tb else None
+        verdict = lv.get("verdict") or ("kept" if eff and eff > 1.02 else "rejected")
+        lv_data.append({**lv, "effect": eff, "verdict": verdict})
+        lv_rows.append([lv["lever"], f"`{a.name}` -> `{b.name}`", num(ta, 0), num(tb, 0),
+                        f"{eff:.2f}x" if eff else "–", f"{gib(a.get('peak_memory_bytes'))} -> "
+                        f"{gib(b.get('peak_memory_bytes'))}", verdict, lv.get("note", "")])
+    if lv_rows:
+        rep.add("## Levers, one at a time", "", table(
+            ["lever", "runs", "tokens/s before", "tokens/s after", "effect", "peak GiB", "verdict", "note"],
+            lv_rows), "")
+    rep.data["levers"] = lv_data
+
+    # --- every run
+    ordered = [runs[n] for n in names]
+    rep.add("## Every run", "", table(SPEED_HEADERS, [_speed_row(r) for r in ordered]), "")
+    rep.add("Commands (each run's own record, `command` in its train_summary.json):", "")
+    rep.add(*[f"- `{r.name}`: `{r.launch}`" for r in ordered], "")
+    rep.plot("throughput", _bars(ordered), "steady tokens/s per run")
+    rep.data["runs"] = [{"run": r.name, "command": r.launch, **{k: r.get(k) for k in (
+        "tokens_per_s_steady", "mfu_steady", "peak_memory_bytes", "micro_batch_size", "grad_accum",
+        "gradient_checkpointing", "torch_compile", "compile_scope", "attn_implementation", "sdpa_backend",
+        "liger_kernel", "final_loss", "padding_waste", "seq_len", "flops_per_token", "task", "sft_mode")},
+        "estimate_peak_ratio": r.get("estimate.peak_memory_ratio")} for r in ordered]
+
+    # --- packing check, estimator
+    pc = spec.get("packing_check")
+    if pc:
+        p = project_path(pc)
+        if not p.is_file():
+            raise ReportError(f"spec: packing_check {p} does not exist")
+        body = read_json(p)
+        rep.data["packing_check"] = body
+        rep.add("## Packing without cross-contamination, on the GPU", "",
+                f"`{body['command']}` on {body['device_name']} ({body['dtype']}, {body['model']}):", "",
+                table(["attention", "rows", "samples compared", "max abs logit diff packed vs alone",
+                       "naive packing (min over samples)", "result"],
+                      [[x["attn_implementation"], x["rows"], x["samples"], f"{x['max_abs_logit_diff']:.2e}",
+                        f"{x['naive_packing_min_abs_logit_diff']:.2e}", "pass" if x["passed"] else "FAIL"]
+                       for x in body["results"]]), "")
+    est = spec.get("estimator")
+    if est:
+        p = project_path(est)
+        body = read_json(p) if p.is_file() else None
+        rows = [[r.name, gib(r.get("estimate.predicted.peak_memory_bytes")), gib(r.get("peak_memory_bytes")),
+                 num(r.get("estimate.peak_memory_ratio"), 3), "compile not modelled" if r.get("torch_compile")
+                 else ""] for r in ordered if r.get("estimate.predicted")]
+        rep.add("## Memory estimator", "", spec.get("estimator_note", "").strip(), "",
+                table(["run", "predicted GiB", "measured GiB", "measured / predicted", "note"], rows), "")
+        rep.data["estimator"] = {"record": est, "summary": (body or {}).get("summary")}
+    for line in spec.get("notes") or []:
+        rep.add(f"- {line}")
+    rep.add("")
+    return rep.write(command)
+
+
+def _loss(runs: list[RunRecord]):
+    def draw(ax):
+        for r in runs:
+            pts = [(m["step"], m["loss"]) for m in r.metrics if m.get("loss") is not None]
+            ax.plot(*zip(*pts), label=r.name, linewidth=1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return draw
+
+
+def _bars(runs: list[RunRecord]):
+    def draw(ax):
+        if not runs:
+            return False
+        ax.barh([r.name for r in runs], [r.get("tokens_per_s_steady") or 0 for r in runs])
+        ax.set_xlabel("steady tokens/s")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    return draw
