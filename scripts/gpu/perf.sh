@@ -71,10 +71,10 @@ for part in "${@:-cpt17}"; do
       bench p17-compile-b4 210 "${P17[@]}" "${TUNED[@]}" --set steps.micro_batch_size=4 --set steps.grad_accum=4
       bench p17-compile-b4-cudnn 210 "${P17[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
         --set steps.micro_batch_size=4 --set steps.grad_accum=4
-      bench p17-blocks-b4-cudnn 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
-        --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
       bench p17-compile-b8-cudnn 210 "${P17[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
         --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      bench p17-blocks-b4-cudnn 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
       ;;
     cpt06)
       bench p06-compile-b8-cudnn 180 "${P06[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
