@@ -77,23 +77,38 @@ for part in "${@:-cpt17}"; do
         --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
       ;;
     cpt06)
-      bench p06-compile-b8-cudnn 180 "${P06[@]}" "${TUNED[@]}" --set runtime.sdpa_backend=cudnn \
-        --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      bench p06-blocks-b4 150 "${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=4 --set steps.grad_accum=4
       ;;
     sft17)
       bench s17-lora-padded-b8-ckpt 120 "${S17[@]}" --set data.train=.gpu/sft_gsm_rows/train \
         --set runtime.gradient_checkpointing=true --set steps.micro_batch_size=8 --set steps.grad_accum=1
-      bench s17-lora-packed-flex-compile 200 "${S17[@]}" "${TUNED[@]}" --set data.train=.gpu/sft_gsm_packed/train \
-        --set data.pad_to_multiple_of=4096 --set model.attn_implementation=flex_attention \
+      bench s17-lora-packed-flex-blocks 150 "${S17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
+        --set model.attn_implementation=flex_attention --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      bench s17-lora-packed-sdpa-blocks 150 "${S17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
         --set steps.micro_batch_size=2 --set steps.grad_accum=1
-      bench s17-lora-packed-sdpa-compile 200 "${S17[@]}" "${TUNED[@]}" --set data.train=.gpu/sft_gsm_packed/train \
-        --set data.pad_to_multiple_of=4096 --set steps.micro_batch_size=2 --set steps.grad_accum=1
       ;;
     pack)
       el "packing check"
       timeout $(( deadline - $(date +%s) - 10 )) python3 scripts/check_packing.py --data .gpu/sft_gsm_packed/train \
         --preset qwen3-0.6b --tokenizer .gpu/tok --device cuda --attn sdpa flex_attention --max-samples 12 \
         --out "$OUT/packing_check_gpu.json" 2>&1 | grep -vi warn | tail -4
+      ;;
+    serve)  # transformers serve without continuous batching, on the model merge of measure_tracks.sh
+      if [[ -d runs/gpu-merged ]]; then
+        el "serve cb=false"
+        python3 scripts/10_serve.py start transformers runs/gpu-merged --name gpu-tf --set transformers.device=cuda:0 \
+          --set transformers.continuous_batching=false --set startup_timeout_s=120 2>&1 | tail -1
+        timeout $(( deadline - $(date +%s) - 20 )) python3 scripts/11_benchmark_serving.py --no-progress --set server=gpu-tf \
+          --set num_prompts=16 --set max_concurrency=4 --set random.input_len=256 --set random.output_len=64 \
+          --set slo.ttft=1000 --set slo.tpot=100 --run-name gpu-tf-cb-false-small 2>&1 | tail -2
+        python3 scripts/10_serve.py stop gpu-tf 2>&1 | tail -1
+        tar czf "$OUT/serve_runs.tgz" runs/bench_serving runs/serve 2>/dev/null
+      else
+        el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
+      fi
       ;;
     *) echo "unknown part $part (cpt17 cpt06 sft17 pack)" >&2 ;;
   esac
