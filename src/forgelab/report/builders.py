@@ -154,7 +154,7 @@ def build_benchmark(runs: list[RunRecord], out_dir="reports", prefix="cpt", allo
                     command="") -> tuple[Path, Path]:
     if not runs:
         raise ReportError("benchmark: no finished runs of track bench")
-    rep = Report(f"{prefix}_benchmark", f"{prefix.upper()} benchmark: backends side by side", out_dir)
+    rep = Report(f"{prefix}_benchmark", f"{prefix.replace('_', ' ').upper()} benchmark: backends side by side", out_dir)
     rep.add("Throughput, MFU, memory and checkpoint cost per backend, read from each run's "
             "`train_summary.json` and `metrics.jsonl`. Tokens/s *steady* leaves out the first "
             "`metrics.steady_skip_steps` steps. *Predicted* columns are the pre-flight estimate "

@@ -42,10 +42,13 @@ def loss_agreement(a: RunRecord, b: RunRecord) -> dict:
 
 
 def _speed_row(r: RunRecord) -> list[Any]:
-    return [r.name, num(r.get("tokens_per_s_steady"), 0), pct(r.get("mfu_steady")), gib(r.get("peak_memory_bytes")),
-            r.get("micro_batch_size"), r.get("grad_accum"), "on" if r.get("gradient_checkpointing") else "off",
+    err = r.get("error")
+    tps = f"failed: {str(err).split('.')[0]}" if err else num(r.get("tokens_per_s_steady"), 0)
+    return [r.name, tps, pct(r.get("mfu_steady")), gib(r.get("peak_memory_bytes")),
+            num(r.get("micro_batch_size")), num(r.get("grad_accum")),
+            "on" if r.get("gradient_checkpointing") else "off",
             (r.get("compile_scope") or "model") if r.get("torch_compile") else "off",
-            r.get("attn_implementation"), r.get("sdpa_backend"), "yes" if r.get("liger_kernel") else "no",
+            num(r.get("attn_implementation")), num(r.get("sdpa_backend")), "yes" if r.get("liger_kernel") else "no",
             num(r.get("final_loss"), 3)]
 
 
@@ -102,7 +105,7 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train"
                 ok = not diffs and agree["max_rel_diff"] is not None and agree["max_rel_diff"] <= t["loss_check"]
                 met = met and ok
                 shown += (f"; loss curves over {agree['steps']} steps: max relative difference "
-                          f"{pct(agree['max_rel_diff'])} (tolerance {pct(t['loss_check'])})"
+                          f"{agree['max_rel_diff']:.1e} (tolerance {t['loss_check']:g})"
                           + (f"; protocols differ: {', '.join(diffs)}" if diffs else ""))
             d["met"] = met
         else:

@@ -71,15 +71,16 @@ class RunRecord:
         the launcher with task, track, backend and sweep overrides)."""
         if self.get("command"):
             return str(self.get("command"))
-        task = self.get("task", "cpt")
+        get = lambda k, d=None: self.get(k) or self.config.get(k) or d  # noqa: E731
+        task = get("task", "cpt")
         if task == "sft":
-            task = "sft_full" if self.get("sft_mode") == "full" else "sft_lora"
-        track = self.get("track") or "sanity"
-        cmd = f"scripts/train/{track}.sh {self.backend} --task {task}"
+            sft_mode = self.get("sft_mode") or (self.config.get("sft") or {}).get("mode")
+            task = "sft_full" if sft_mode == "full" else "sft_lora"
+        cmd = f"scripts/train/{get('track', 'sanity')}.sh {get('backend', '?')} --task {task}"
         over = self.get("plan.sweep.overrides") or {}
         for k, v in over.items():
             cmd += f" --set {k}={json.dumps(v)}"
-        return cmd
+        return cmd + " (reconstructed: this run's summary has no command)"
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -391,7 +391,14 @@ def run_estimate(pre, mc, precision: str, liger: bool, world: int) -> tuple[dict
     shape = to_dict(conf)
     shape["runtime"]["precision"] = precision
     # keys the estimator reads by leaf name; values as this run resolves them
-    shape.update(seq_len=pre.train.seq_len, drop_last=True, packing=True, optimizer="adamw_torch",
+    seq = pre.train.seq_len
+    meta = pre.train.meta
+    if pre.train.kind == "sft" and not meta.get("packed", True):
+        # one sample per row, batches padded to their longest: the worst batch holds the longest sample
+        longest = int((meta.get("sample_tokens") or {}).get("max") or seq)
+        mult = conf.data.pad_to_multiple_of
+        seq = min(seq, -(-longest // mult) * mult if mult else longest)
+    shape.update(seq_len=seq, drop_last=True, packing=True, optimizer="adamw_torch",
                  method="lora" if conf.task == "sft" and conf.sft.mode == "lora" else "full",
                  use_liger_kernel=liger, model_dtype="float32", deepspeed=conf.dist.deepspeed)
     try:
@@ -477,6 +484,16 @@ def run_session(pre, plan_info: dict | None = None) -> int:
         with Run("train", conf, pre.run_name, summary_name="train_summary.json", rank=rank) as run:
             run.data_fingerprint = pre.train.data_fingerprint
             run.tokenizer_fingerprint = pre.tokenizer_fp
+            # what a failed run's summary still needs to say (the full record replaces it at the end)
+            rt = conf.runtime
+            run.summary.update({
+                "command": os.environ.get("FORGELAB_COMMAND"), "task": conf.task, "track": conf.track,
+                "backend": conf.backend, "world_size": world, "micro_batch_size": conf.steps.micro_batch_size,
+                "grad_accum": conf.steps.grad_accum, "seq_len": pre.train.seq_len, "precision": precision,
+                "gradient_checkpointing": rt.gradient_checkpointing, "torch_compile": rt.torch_compile,
+                "compile_scope": rt.compile_scope if rt.torch_compile else None,
+                "attn_implementation": conf.model.attn_implementation, "sdpa_backend": rt.sdpa_backend,
+                "liger_kernel": liger, "estimate": {"predicted": estimate}})
             for c in cleaned:
                 run.log.info("%s", c)
             run.log.info("%s | task %s, track %s, backend %s, %d rank(s), %s, %s", pre.resume_msg, conf.task,
