@@ -11,17 +11,9 @@
 #   .whl          optional wheels (deepspeed, liger-kernel, serving stack) installed into /tmp/site
 # Results: OUT (default runs/gpu_out) gets one tarball of the run records and a log.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false FORGELAB_RUNS_DIR=$PWD/runs FORGELAB_LOGS_DIR=$PWD/logs
+source "$(dirname "$0")/_env.sh"
 MODEL=(--task pretrain --set model.preset=qwen3-0.6b --set model.tokenizer=.gpu/tok --set data.train=.gpu/cpt2048/train)
 save() { tar czf "$OUT/runs.tgz" --exclude='checkpoint-*' --exclude='checkpoints' --exclude='final' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt.trace.json*' runs logs reports 2>/dev/null; }
-t0=$(date +%s); el() { echo "[+$(( $(date +%s) - t0 ))s] $*"; }
 
 for b in single zero2 zero3_offload; do
   el "sanity $b"; timeout 240 bash scripts/train/sanity.sh $b "${MODEL[@]}" --set run_name=gpu-sanity-$b 2>&1 | grep -E "INFO|Error|error" | tail -4; save

@@ -12,16 +12,8 @@
 # .whl (transformers, peft, liger-kernel wheels). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
 # usage: OUT=dir BUDGET_S=560 bash scripts/gpu/perf.sh cpt17 [cpt06 sft17 pack]
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false FORGELAB_RUNS_DIR=$PWD/runs FORGELAB_LOGS_DIR=$PWD/logs
-t0=$(date +%s); deadline=$(( t0 + ${BUDGET_S:-560} ))
-el() { echo "[+$(( $(date +%s) - t0 ))s] $*"; }
+source "$(dirname "$0")/_env.sh"
+deadline=$(( t0 + ${BUDGET_S:-560} ))
 names=()
 save() {
   tar czf "$OUT/perf_runs.tgz" --exclude='checkpoint-*' --exclude='final' --exclude='*.safetensors' \
@@ -110,7 +102,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 cpt06 sft17 pack)" >&2 ;;
+    *) echo "unknown part $part (cpt17 cpt06 sft17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"
