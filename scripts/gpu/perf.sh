@@ -4,6 +4,7 @@
 # command. Parts (run in the order given; default "cpt17"):
 #   cpt17  Qwen3-1.7B shape, seq 2048: the Trainer baseline (LLaMA-Factory / ms-swift defaults)
 #          and tuned settings with the same global batch, side by side
+#   cpt17next  more levers on the tuned 1.7B setting (accumulation, max-autotune, CUDA graphs, batch 6)
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
@@ -68,6 +69,14 @@ for part in "${@:-cpt17}"; do
       bench p17-blocks-b4-cudnn 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
       ;;
+    cpt17next)  # levers not measured yet on the tuned 1.7B setting
+      B4=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=4)
+      bench p17-blocks-b4-acc8 150 "${B4[@]}" --set steps.grad_accum=8
+      bench p17-blocks-b4-autotune 240 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=max-autotune-no-cudagraphs
+      bench p17-blocks-b4-cudagraphs 180 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=reduce-overhead
+      bench p17-blocks-b6 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=6 --set steps.grad_accum=3
+      ;;
     cpt06)
       bench p06-blocks-b4 150 "${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set steps.micro_batch_size=4 --set steps.grad_accum=4
@@ -102,7 +111,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 cpt06 sft17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 cpt17next cpt06 sft17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"
