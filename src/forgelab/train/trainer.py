@@ -221,6 +221,7 @@ def compile_blocks(model, mode: str | None, notices: list[str]) -> int:
     blocks = decoder_blocks(model)
     if blocks is None:
         notices.append("runtime.compile_scope blocks: no decoder layer list found; compiling the whole model")
+        model.compile(mode=mode)
         return 0
     for b in blocks:
         b.compile(mode=mode)
