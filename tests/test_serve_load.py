@@ -55,6 +55,19 @@ def test_thousand_requests_at_concurrency_32(batching_server):
     assert s["server_alive_after_run"]
 
 
+def test_time_limited_benchmark_reports_what_it_sent(batching_server):
+    """max_duration_s bounds a run (a GPU batch with a fixed budget): requests still queued
+    are counted as not sent, never as failures, and the metrics cover those that were sent."""
+    report = run_and_report(bench_conf(
+        "test-load", "num_prompts=400", "max_concurrency=4", "warmup_requests=1", "request_rate=20",
+        "random.input_len=16", "random.output_len=4", "max_duration_s=2"), run_name="test-time-limit",
+        progress=False)
+    s = report["summary"]
+    assert s["failed"] == 0 and 0 < s["completed"] < 400
+    assert s["not_sent"] == 400 - s["requests"] > 0
+    assert any("not sent" in n for n in s["notes"])
+
+
 def test_batch_inference_resumes_without_duplicates(batching_server, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     n = 100

@@ -32,7 +32,7 @@ for cb in false true; do
   python3 scripts/10_serve.py start transformers runs/gpu-merged --name gpu-tf --set transformers.device=cuda:0 \
     --set transformers.continuous_batching=$cb --set startup_timeout_s=180 2>&1 | tail -2
   timeout 150 python3 scripts/11_benchmark_serving.py --no-progress --set server=gpu-tf --set num_prompts=64 \
-    --set max_concurrency=16 --set random.input_len=256 --set random.output_len=64 --set slo.ttft=1000 --set slo.tpot=100 \
+    --set max_concurrency=16 --set random.input_len=256 --set random.output_len=64 --set slo.ttft=1000 --set slo.tpot=100 --set max_duration_s=100 \
     --run-name gpu-tf-cb-$cb 2>&1 | tail -3
   python3 scripts/10_serve.py stop gpu-tf 2>&1 | tail -1
   save

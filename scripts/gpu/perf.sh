@@ -104,7 +104,7 @@ for part in "${@:-cpt17}"; do
           --set transformers.continuous_batching=false --set startup_timeout_s=120 2>&1 | tail -1
         timeout $(( deadline - $(date +%s) - 20 )) python3 scripts/11_benchmark_serving.py --no-progress --set server=gpu-tf \
           --set num_prompts=16 --set max_concurrency=4 --set random.input_len=256 --set random.output_len=64 \
-          --set slo.ttft=1000 --set slo.tpot=100 --run-name gpu-tf-cb-false-small 2>&1 | tail -2
+          --set slo.ttft=1000 --set slo.tpot=100 --set max_duration_s=100 --run-name gpu-tf-cb-false-small 2>&1 | tail -2
         python3 scripts/10_serve.py stop gpu-tf 2>&1 | tail -1
         tar czf "$OUT/serve_runs.tgz" runs/bench_serving runs/serve 2>/dev/null
       else

@@ -281,8 +281,9 @@ def run_one(ep: Endpoint, req: BenchRequest, extras: dict, conf: BenchServingCon
 
 def run_load(ep: Endpoint, reqs: list[BenchRequest], offsets: np.ndarray, concurrency: int,
              extras: dict, conf: BenchServingConfig, tok, desc: str = "requests",
-             progress: bool = True) -> tuple[list[RequestResult], float]:
-    """Send every request at its arrival time (pool-bounded); returns results and duration."""
+             progress: bool = True, max_duration_s: float = 0.0) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival time (pool-bounded), none after ``max_duration_s``
+    (0: no limit); returns the results of the requests sent and the duration."""
     from tqdm import tqdm
     bar = tqdm(total=len(reqs), desc=desc, unit="req", disable=not progress)
     lock = threading.Lock()
@@ -309,6 +310,8 @@ def run_load(ep: Endpoint, reqs: list[BenchRequest], offsets: np.ndarray, concur
         ready.wait()
         t0 = time.perf_counter()
         for req, off in zip(reqs, offsets):
+            if max_duration_s and time.perf_counter() - t0 >= max_duration_s:
+                break
             wait = t0 + off - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
@@ -442,10 +445,15 @@ def run_benchmark(ep: Endpoint, tok, conf: BenchServingConfig, profile: str, log
                               np.random.default_rng(conf.seed + 1))
     log.info("measuring %d requests: rate %s req/s, burstiness %g, concurrency limit %d",
              len(measured), conf.request_rate, conf.burstiness, conc)
-    results, duration = run_load(ep, measured, offsets, conc, extras, conf, tok, progress=progress)
+    results, duration = run_load(ep, measured, offsets, conc, extras, conf, tok, progress=progress,
+                                 max_duration_s=conf.max_duration_s)
     summary = summarize(results, duration, conf)
+    summary["not_sent"] = not_sent = len(measured) - len(results)
     summary["server_alive_after_run"] = alive = server_alive(ep)
     summary["notes"] = failure_notes(results, alive)
+    if not_sent:
+        summary["notes"].append(f"{not_sent} of {len(measured)} requests were not sent: max_duration_s "
+                                f"({conf.max_duration_s:g} s) was reached; the metrics cover the {len(results)} sent")
     summary["request_profile"] = profile
     summary["request_extras"] = extras
     summary["concurrency_limit"] = conc

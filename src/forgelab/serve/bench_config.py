@@ -54,6 +54,9 @@ class BenchServingConfig:
     temperature: float = field(0.0, help="sampling temperature sent with each request")
     ignore_eos: bool = field(True, help="ask for exactly max_tokens (sent only to backends that "
                              "accept it: vllm)")
+    max_duration_s: float = field(0.0, help="stop sending new requests after this many seconds of the "
+                                            "measured run (0: no limit); requests in flight finish, the "
+                                            "ones never sent are reported as not sent, not as failures")
     request_timeout_s: float = field(300.0, help="a request failing as timeout after this long")
     slo: dict[str, float] = field({}, help="goodput SLOs in ms, e.g. {ttft: 500, tpot: 50}; keys: "
                                   + ", ".join(SLO_METRICS))
