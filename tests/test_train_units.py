@@ -212,3 +212,47 @@ def test_compile_on_cuda_only_runs_eager_on_cpu():
     assert _conf("runtime.torch_compile=cuda").runtime.torch_compile == "cuda"
     with pytest.raises(cfg.ConfigError, match="torch_compile"):
         _conf("runtime.torch_compile=gpu")
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_head_and_loss_match_the_models_own(tiny_model_dir, chunk):
+    """Same loss and same gradients (head/embedding included) as the model's logits + loss, on a
+    packed batch with ignored labels, with and without the Trainer's num_items_in_batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from forgelab.train.chunked_loss import causal_lm_loss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    ids = torch.randint(0, 1000, (2, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 15:] = -100
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    for n_items in (None, torch.tensor(40)):
+        grads = []
+        for fn in (lambda: model(**batch, num_items_in_batch=n_items).loss,
+                   lambda: causal_lm_loss(model, batch, chunk, n_items)):
+            model.zero_grad()
+            loss = fn()
+            loss.backward()
+            grads.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        (la, ga), (lb, gb) = grads
+        assert lb == pytest.approx(la, rel=1e-5)
+        for k in ga:
+            assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_chunked_loss_is_refused_where_it_cannot_run(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from forgelab.train.trainer import _choose_loss_chunk
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    notes: list[str] = []
+    assert _choose_loss_chunk(_conf("runtime.loss_chunk_tokens=512"), model, 1, notes) == 512 and not notes
+    assert _choose_loss_chunk(_conf("runtime.loss_chunk_tokens=512"), model, 2, notes) == 0
+    assert _choose_loss_chunk(_conf("runtime.loss_chunk_tokens=512", "runtime.torch_compile=true"), model, 1,
+                              notes) == 0
+    assert len(notes) == 2 and "one rank" in notes[0] and "compile_scope=blocks" in notes[1]

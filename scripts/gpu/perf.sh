@@ -4,7 +4,8 @@
 # command. Parts (run in the order given; default "cpt17"):
 #   cpt17  Qwen3-1.7B shape, seq 2048: the Trainer baseline (LLaMA-Factory / ms-swift defaults)
 #          and tuned settings with the same global batch, side by side
-#   cpt17next  more levers on the tuned 1.7B setting (accumulation, max-autotune, CUDA graphs, batch 6)
+#   cpt17next  more levers on the tuned 1.7B setting (chunked head+loss with micro batch 8,
+#              accumulation, max-autotune, CUDA graphs, batch 6)
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
@@ -71,6 +72,9 @@ for part in "${@:-cpt17}"; do
       ;;
     cpt17next)  # levers not measured yet on the tuned 1.7B setting
       B4=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=4)
+      bench p17-blocks-b4-chunkloss 150 "${B4[@]}" --set steps.grad_accum=4 --set runtime.loss_chunk_tokens=4096
+      bench p17-blocks-b8-chunkloss 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=8 --set steps.grad_accum=2 --set runtime.loss_chunk_tokens=4096
       bench p17-blocks-b4-acc8 150 "${B4[@]}" --set steps.grad_accum=8
       bench p17-blocks-b4-autotune 240 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=max-autotune-no-cudagraphs
       bench p17-blocks-b4-cudagraphs 180 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=reduce-overhead

@@ -98,6 +98,9 @@ class RuntimeSection:
                       "(regional: one block's graph is reused, so compiling takes seconds)")
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = field(
         "auto", help="SDPA kernel on CUDA (auto = PyTorch's choice); cudnn and flash keep a fallback for masks")
+    loss_chunk_tokens: int = field(0, help="LM head + loss over chunks of this many tokens, gradients taken in the "
+                                           "forward pass (no full logits in memory); 0 = off. One rank, eager or "
+                                           "compile_scope blocks")
     liger_kernel: bool = field(False, help="Liger Triton kernels (CUDA + liger-kernel installed; else a notice)")
     liger_kernel_config: dict[str, Any] = field({}, help="which Liger kernels (rope, rms_norm, swiglu, "
                                                          "fused_linear_cross_entropy: true/false); {} = all")

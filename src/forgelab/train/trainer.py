@@ -39,8 +39,9 @@ log = logging.getLogger("forgelab.train")
 
 class ForgeTrainer(Trainer):
     def __init__(self, *args, run_dir: Path, keep_last: int, timers: StepTimers, flops_per_token: float,
-                 steady_skip: int = 0, **kwargs):
+                 steady_skip: int = 0, loss_chunk: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_chunk = loss_chunk
         self.steady_skip = steady_skip
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
@@ -76,9 +77,16 @@ class ForgeTrainer(Trainer):
         inputs.pop(SLOTS_KEY, None)
         return super()._prepare_inputs(inputs)
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.timers.time("forward"):
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            if self.loss_chunk and model.training and not return_outputs:
+                from .chunked_loss import causal_lm_loss
+                loss = causal_lm_loss(model, inputs, self.loss_chunk, num_items_in_batch)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # as the stock compute_loss does
+                return loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, *args, **kwargs):
         with self.timers.time("forward_backward"):
@@ -173,6 +181,26 @@ def _choose_compile(want, on_cuda: bool, notices: list[str]) -> bool:
         notices.append("runtime.torch_compile is 'cuda': CPU runs eager (compiling pays off on GPUs)")
         return False
     return bool(want)
+
+
+def _choose_loss_chunk(conf, model, world: int, notices: list[str]) -> int:
+    n = conf.runtime.loss_chunk_tokens
+    if not n:
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "lm_head", None)
+    why = None
+    if world > 1:
+        why = "it runs the decoder outside the DDP/DeepSpeed wrapper, so it needs one rank"
+    elif conf.runtime.torch_compile and conf.runtime.compile_scope == "model":
+        why = "the whole-model compile wraps the forward it bypasses; use runtime.compile_scope=blocks"
+    elif head is None or getattr(head, "bias", None) is not None or not hasattr(base, "model") or \
+            getattr(base.config, "final_logit_softcapping", None):
+        why = "the model has no plain bias-free lm_head over base.model"
+    if why:
+        notices.append(f"runtime.loss_chunk_tokens is off: {why}")
+        return 0
+    return n
 
 
 def _choose_liger(want: bool, on_cuda: bool, notices: list[str]) -> bool:
@@ -510,6 +538,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                 n_compiled = compile_blocks(model, conf.runtime.compile_mode, notices)
                 if n_compiled:
                     run.log.info("torch.compile: %d decoder blocks + the loss (regional)", n_compiled)
+            loss_chunk = _choose_loss_chunk(conf, model, world, notices)
             for n in notices:
                 run.log.warning("notice: %s", n)
             counts = count_model(model, lora=lora)
@@ -532,7 +561,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
             trainer = ForgeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                    data_collator=collator, processing_class=tokenizer, run_dir=pre.run_dir,
                                    keep_last=conf.checkpoint.keep_last, timers=timers, flops_per_token=fpt,
-                                   steady_skip=conf.metrics.steady_skip_steps)
+                                   steady_skip=conf.metrics.steady_skip_steps, loss_chunk=loss_chunk)
 
             resume_info = None
             resume_step = 0
@@ -608,7 +637,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                 "torch_compile": conf.runtime.torch_compile,
                 "compile_scope": conf.runtime.compile_scope if conf.runtime.torch_compile else None,
                 "compile_mode": conf.runtime.compile_mode if conf.runtime.torch_compile else None,
-                "sdpa_backend": sdpa, "liger_kernel": liger,
+                "sdpa_backend": sdpa, "loss_chunk_tokens": loss_chunk, "liger_kernel": liger,
                 "liger_kernel_config": conf.runtime.liger_kernel_config if liger else None,
                 "fused_adamw": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
                 "dataloader_workers": conf.data.num_workers,
