@@ -17,17 +17,14 @@ from pathlib import Path
 from forgelab import cli
 from forgelab.runs import Run
 from forgelab.serve.batch import BatchError, run_batch
-from forgelab.serve.server import ServeError, resolve_endpoint
+from forgelab.serve.server import add_endpoint_args, endpoint_from_args
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, type=Path, help="JSONL of prompts or messages")
     p.add_argument("--output", required=True, type=Path, help="JSONL of answers (appended, resumable)")
-    p.add_argument("--server", default="", help="server name from scripts/10_serve.sh status")
-    p.add_argument("--url", default="", help="base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", default="", help="`model` sent with requests (default: the server's)")
-    p.add_argument("--api-key", default="", help="API key (default: $FORGELAB_API_KEY)")
+    add_endpoint_args(p)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--retries", type=int, default=3, help="retries of a transient failure")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
@@ -36,10 +33,8 @@ def main() -> int:
     p.add_argument("--run-name", default=None, help="run directory name under runs/batch_infer/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args()
-    try:
-        ep = resolve_endpoint(a.url, a.server, a.model, a.api_key)
-    except (ServeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    ep = endpoint_from_args(a)
+    if ep is None:
         return 1
     try:
         with Run("batch_infer", None, a.run_name) as run:

@@ -19,17 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def build_model(args, attn: str, dtype, device):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attn).to(device)
     from forgelab.model import presets
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    d = presets.build_config(args.preset).to_dict()
-    mt = d.pop("model_type")
-    d["vocab_size"] = max(int(d.get("vocab_size") or 0), len(tok))
+    conf = presets.build_config(args.preset)
+    conf.vocab_size = max(conf.vocab_size, len(AutoTokenizer.from_pretrained(args.tokenizer)))
     torch.manual_seed(0)
-    conf = AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k not in ("architectures", "dtype")})
     return AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=attn).to(device)
 
 

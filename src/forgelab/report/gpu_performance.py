@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..runs import project_path, read_json
+from .builders import _bar_plot, _loss_plot
 from .render import Report, gib, num, pct, table
 from .runs import RunRecord, ReportError, discover, protocol_differences
 
@@ -118,7 +119,8 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train"
     for key, t in (spec.get("targets") or {}).items():
         if t.get("loss_check") and tdata[key].get("loss_agreement"):
             pair = [runs[t["baseline_run"]], runs[t["run"]]]
-            rep.plot(f"loss_{key}", _loss(pair), f"loss curves: {t['baseline_run']} vs {t['run']}")
+            rep.plot(f"loss_{key}", _loss_plot(pair, "training loss, same data and global batch"),
+                     f"loss curves: {t['baseline_run']} vs {t['run']}")
 
     # --- levers
     lv_rows, lv_data = [], []
@@ -142,7 +144,9 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train"
     rep.add("## Every run", "", table(SPEED_HEADERS, [_speed_row(r) for r in ordered]), "")
     rep.add("Commands (each run's own record, `command` in its train_summary.json):", "")
     rep.add(*[f"- `{r.name}`: `{r.launch}`" for r in ordered], "")
-    rep.plot("throughput", _bars(ordered), "steady tokens/s per run")
+    rep.plot("throughput", _bar_plot([r.name for r in ordered],
+                                     {"tokens/s": [r.get("tokens_per_s_steady") for r in ordered]},
+                                     "steady tokens/s", "throughput per run"), "steady tokens/s per run")
     rep.data["runs"] = [{"run": r.name, "command": r.launch, **{k: r.get(k) for k in (
         "tokens_per_s_steady", "mfu_steady", "peak_memory_bytes", "micro_batch_size", "grad_accum",
         "gradient_checkpointing", "torch_compile", "compile_scope", "attn_implementation", "sdpa_backend",
@@ -178,26 +182,3 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train"
         rep.add(f"- {line}")
     rep.add("")
     return rep.write(command)
-
-
-def _loss(runs: list[RunRecord]):
-    def draw(ax):
-        for r in runs:
-            pts = [(m["step"], m["loss"]) for m in r.metrics if m.get("loss") is not None]
-            ax.plot(*zip(*pts), label=r.name, linewidth=1.2)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    return draw
-
-
-def _bars(runs: list[RunRecord]):
-    def draw(ax):
-        if not runs:
-            return False
-        ax.barh([r.name for r in runs], [r.get("tokens_per_s_steady") or 0 for r in runs])
-        ax.set_xlabel("steady tokens/s")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    return draw

@@ -407,6 +407,23 @@ def resolve_endpoint(url: str = "", server: str = "", model: str = "", api_key: 
     return ep
 
 
+def add_endpoint_args(p) -> None:
+    """The client scripts' options naming where requests go (read by endpoint_from_args)."""
+    p.add_argument("--server", default="", help="server name from scripts/10_serve.sh status")
+    p.add_argument("--url", default="", help="base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="", help="`model` sent with requests (default: the server's)")
+    p.add_argument("--api-key", default="", help="API key (default: $FORGELAB_API_KEY)")
+
+
+def endpoint_from_args(a) -> Endpoint | None:
+    """resolve_endpoint for parsed client options; prints why and returns None when there is none."""
+    try:
+        return resolve_endpoint(a.url, a.server, a.model, a.api_key)
+    except (ServeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def start_recorded(conf: ServeConfig, progress: bool = True) -> dict:
     """start() inside a run record: runs/serve/<name>/ gets config.yaml, run.log and
     serve_summary.json beside the server's own files (and a line in the operation log)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model import base_model
+
 IGNORE = -100
 
 
@@ -61,7 +63,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 def causal_lm_loss(model, inputs: dict, chunk: int, num_items_in_batch=None) -> torch.Tensor:
     """The model's next-token loss through the chunked head: the decoder runs as usual, the
     head and the loss run here. Labels shift like transformers' ForCausalLMLoss."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     labels = inputs["labels"]
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
     hidden = base.model(**kwargs).last_hidden_state

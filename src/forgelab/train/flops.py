@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..model import base_model
+
 # dense bf16 tensor-core peak per device (no sparsity); matched by substring of the device name
 GPU_PEAK_BF16 = (
     ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
@@ -56,7 +58,7 @@ class ModelCounts:
 
 def count_model(model, lora: bool = False) -> ModelCounts:
     """Parameter counts of a transformers causal LM (peft-wrapped or not), ties counted once."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     conf = base.config
     text_conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
     seen, total, trainable, lora_n = set(), 0, 0, 0

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..model import base_model
 from ..runs import Run, read_json, write_json
 from . import checkpoint as ckpt
 from .callbacks import MetricsCallback, SaveTimer, StopCallback, read_metrics, truncate_metrics
@@ -187,7 +188,7 @@ def _choose_loss_chunk(conf, model, world: int, notices: list[str]) -> int:
     n = conf.runtime.loss_chunk_tokens
     if not n:
         return 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = getattr(base, "lm_head", None)
     why = None
     if world > 1:
@@ -235,7 +236,7 @@ def apply_sdpa_backend(want: str, on_cuda: bool, notices: list[str]) -> str:
 def decoder_blocks(model) -> torch.nn.ModuleList | None:
     """The decoder's layer list (through a peft wrapper too): the ModuleList as long as the
     config's num_hidden_layers."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     n = getattr(base.config.get_text_config(), "num_hidden_layers", None)
     for m in base.modules():
         if isinstance(m, torch.nn.ModuleList) and len(m) == n:
@@ -253,7 +254,7 @@ def compile_blocks(model, mode: str | None, notices: list[str]) -> int:
         return 0
     for b in blocks:
         b.compile(mode=mode)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.loss_function = torch.compile(base.loss_function, mode=mode)
     return len(blocks)
 
@@ -513,7 +514,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
         with Run("train", conf, pre.run_name, summary_name="train_summary.json", rank=rank) as run:
             run.data_fingerprint = pre.train.data_fingerprint
             run.tokenizer_fingerprint = pre.tokenizer_fp
-            # what a failed run's summary still needs to say (the full record replaces it at the end)
+            # what the run is, so that a failed run's summary says it too; the end adds the rest
             rt = conf.runtime
             run.summary.update({
                 "command": os.environ.get("FORGELAB_COMMAND"), "task": conf.task, "track": conf.track,
@@ -626,18 +627,14 @@ def run_session(pre, plan_info: dict | None = None) -> int:
             else:
                 est = {"predicted": None, "note": est_note}
             run.summary.update({
-                "command": os.environ.get("FORGELAB_COMMAND"),
-                "task": conf.task, "sft_mode": conf.sft.mode if conf.task == "sft" else None,
-                "track": conf.track, "backend": conf.backend, "world_size": world,
-                "nodes": pre.nnodes, "device": {"type": "cuda" if on_cuda else "cpu", "name": dev_name,
+                # command, task, track, backend, batch and the requested speed settings are in
+                # already (set when the run started); the applied attention and SDPA kernels replace them
+                "sft_mode": conf.sft.mode if conf.task == "sft" else None, "nodes": pre.nnodes, "device": {"type": "cuda" if on_cuda else "cpu", "name": dev_name,
                                                 "count": world},
-                "precision": precision, "attn_implementation": model.config.get_text_config()._attn_implementation
+                "attn_implementation": model.config.get_text_config()._attn_implementation
                 if hasattr(model.config, "get_text_config") else None,
-                "gradient_checkpointing": conf.runtime.gradient_checkpointing,
-                "torch_compile": conf.runtime.torch_compile,
-                "compile_scope": conf.runtime.compile_scope if conf.runtime.torch_compile else None,
                 "compile_mode": conf.runtime.compile_mode if conf.runtime.torch_compile else None,
-                "sdpa_backend": sdpa, "loss_chunk_tokens": loss_chunk, "liger_kernel": liger,
+                "sdpa_backend": sdpa, "loss_chunk_tokens": loss_chunk,
                 "liger_kernel_config": conf.runtime.liger_kernel_config if liger else None,
                 "fused_adamw": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
                 "dataloader_workers": conf.data.num_workers,
@@ -648,9 +645,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                          "tokenizer_fingerprint": pre.train.tokenizer_fingerprint,
                          "eval": str(pre.eval.path) if pre.eval else None},
                 "tokenizer_fingerprint": pre.tokenizer_fp,
-                "seq_len": pre.train.seq_len, "attention_span": span,
-                "micro_batch_size": conf.steps.micro_batch_size, "grad_accum": conf.steps.grad_accum,
-                "global_batch": global_batch, "tokens_per_step": tokens_step_mean,
+                "attention_span": span, "global_batch": global_batch, "tokens_per_step": tokens_step_mean,
                 "tokens_per_step_capacity": global_batch * pre.train.seq_len,
                 "padding_waste": (1 - trainer.local_tokens / trainer.local_slots) if trainer.local_slots else None,
                 "padding_waste_note": "1 - real tokens / token slots of the batches rank 0 trained on",
