@@ -145,6 +145,16 @@ def _get(rec: dict, field: str, columns: dict, required: bool = True) -> Any:
     return rec[name]
 
 
+def _turns(rec: dict, field: str, columns: dict) -> list:
+    """The non-empty list of turns a sharegpt or messages record holds under ``field``."""
+    turns = _get(rec, field, columns)
+    if not isinstance(turns, list):
+        raise BadRecord("bad_type", f"{field}: expected a list")
+    if not turns:
+        raise BadRecord("empty_conversation", f"{field} is empty")
+    return turns
+
+
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise BadRecord("bad_type", f"{where}: expected a string, got {type(value).__name__}")
@@ -220,11 +230,7 @@ def from_alpaca(rec: dict, columns: dict, user_template: str) -> tuple[list[dict
 
 
 def from_sharegpt(rec: dict, columns: dict, roles: dict) -> tuple[list[dict], list | None]:
-    conv = _get(rec, "conversations", columns)
-    if not isinstance(conv, list):
-        raise BadRecord("bad_type", "conversations: expected a list")
-    if not conv:
-        raise BadRecord("empty_conversation", "conversations is empty")
+    conv = _turns(rec, "conversations", columns)
     role_key, value_key = columns.get("from", "from"), columns.get("value", "value")
     tag_map = {**SHAREGPT_ROLES, **{k: SHAREGPT_ROLES[v] for k, v in roles.items()}}
     messages = []
@@ -268,11 +274,7 @@ def _openai_content(m: dict, i: int, content_key: str) -> str:
 
 
 def from_messages(rec: dict, columns: dict, roles: dict) -> tuple[list[dict], list | None]:
-    msgs = _get(rec, "messages", columns)
-    if not isinstance(msgs, list):
-        raise BadRecord("bad_type", "messages: expected a list")
-    if not msgs:
-        raise BadRecord("empty_conversation", "messages is empty")
+    msgs = _turns(rec, "messages", columns)
     role_key, content_key = columns.get("role", "role"), columns.get("content", "content")
     role_map = {**MESSAGES_ROLES, **roles}
     out = []
