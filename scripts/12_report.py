@@ -26,7 +26,8 @@ def main() -> int:
     p.add_argument("kind", choices=[*KINDS, "gpu_performance", "all"], help="which report")
     p.add_argument("--spec", default="configs/report/gpu_performance.yaml",
                    help="gpu_performance: which runs answer which target")
-    p.add_argument("--runs-root", default="runs/train", help="where the training run dirs are")
+    p.add_argument("--runs-root", default=None, help="where the training run dirs are (default runs/train; "
+                                                     "gpu_performance: the spec's runs_root)")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="exactly these run dirs (names under --runs-root or paths)")
     p.add_argument("--track", action="append", help="runs of this track (repeatable; default per report: "
                                                     "bench, optimize, resume, profile)")
@@ -45,6 +46,7 @@ def main() -> int:
             md, js = build_gpu_performance(a.spec, a.runs_root, a.out, command)
             print(f"{md}\n{js}")
             return 0
+        a.runs_root = a.runs_root or "runs/train"
         if a.kind == "all":
             res = build_all(a.runs_root, a.out, a.prefix, a.allow_mixed_protocols, a.task, command=command,
                             log=lambda m: print(m, file=sys.stderr))

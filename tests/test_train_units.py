@@ -214,6 +214,15 @@ def test_compile_on_cuda_only_runs_eager_on_cpu():
         _conf("runtime.torch_compile=gpu")
 
 
+def test_cuda_graphs_with_regional_compile_are_refused():
+    ok = _conf("runtime.torch_compile=true", "runtime.compile_scope=blocks",
+               "runtime.compile_mode=max-autotune-no-cudagraphs")
+    assert ok.runtime.compile_mode == "max-autotune-no-cudagraphs"
+    assert _conf("runtime.torch_compile=true", "runtime.compile_mode=reduce-overhead").runtime.compile_scope == "model"
+    with pytest.raises(cfg.ConfigError, match="reduce-overhead .*compile_scope blocks"):
+        _conf("runtime.torch_compile=true", "runtime.compile_scope=blocks", "runtime.compile_mode=reduce-overhead")
+
+
 @pytest.mark.parametrize("chunk", [7, 64])
 def test_chunked_head_and_loss_match_the_models_own(tiny_model_dir, chunk):
     """Same loss and same gradients (head/embedding included) as the model's logits + loss, on a

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# GPU performance batch (one H100): the levers of reports/gpu_performance.md, each run through
+# GPU performance batch (one H100 or H200): the levers of reports/gpu_performance.md, each run through
 # the project's own launcher (scripts/train/bench.sh), so every train_summary.json records its
 # command. Parts (run in the order given; default "cpt17"):
 #   cpt17  Qwen3-1.7B shape, seq 2048: the Trainer baseline (LLaMA-Factory / ms-swift defaults)
 #          and tuned settings with the same global batch, side by side
-#   cpt17next  more levers on the tuned 1.7B setting (chunked head+loss with micro batch 8,
-#              accumulation, max-autotune, CUDA graphs, batch 6)
+#   chunk17  for 80 GB cards: the chunked LM head + loss so that micro batch 8 fits (not run yet)
+#   floor17  the device's floor for the 1.7B step (scripts/kernel_floor.py) and a profile of the
+#          regional-compile setting (kernel time per category, idle share)
+#   levers17  single levers on the regional-compile 1.7B setting (micro batch 8, cuDNN SDPA, max-autotune)
+#   base17  the Trainer baseline alone (the side-by-side partner of the tuned runs on a new device)
+#   levers17b  on top of micro batch 8 (needs > 80 GB): micro batch 16, max-autotune, accumulation 4
+#   repeat17  the best 1.7B setting (micro batch 16) a second time, for the noise
+#   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
@@ -19,7 +25,7 @@ deadline=$(( t0 + ${BUDGET_S:-560} ))
 names=()
 save() {
   tar czf "$OUT/perf_runs.tgz" --exclude='checkpoint-*' --exclude='final' --exclude='*.safetensors' \
-    --exclude='*.pt.trace.json*' "${names[@]/#/runs/train/}" 2>/dev/null
+    --exclude='*.pt.trace.json*' --exclude='trace_rank*.json' "${names[@]/#/runs/train/}" 2>/dev/null
 }
 summary() {  # one line per run from its train_summary.json
   python3 - "$1" <<'EOF'
@@ -35,13 +41,16 @@ print(f"  {sys.argv[1]}: status {g('status')} tok/s {g('tokens_per_s_steady') or
 EOF
 }
 # bench NAME TIMEOUT [bench.sh args...]: one run, bounded by its timeout and the batch's deadline
+# (TRACK=profile bench ... runs the profile track instead)
 bench() {
-  local name=$1 t=$2; shift 2
+  local name=$1 t=$2 track=${TRACK:-bench}; shift 2
   local left=$(( deadline - $(date +%s) - 15 ))
   (( left < 45 )) && { el "skip $name (budget)"; return; }
   (( t > left )) && t=$left
   names+=("$name"); el "run $name (timeout ${t}s)"
-  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name timeout "$t" bash scripts/train/bench.sh single "$@" \
+  # one inductor cache for the batch: runs of the same block graph skip recompiling (compile time
+  # is outside the steady window either way)
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor timeout "$t" bash "scripts/train/$track.sh" single "$@" \
     --run-name "$name" > "runs/$name.log" 2>&1 || el "  $name exited $? (log tail below)"
   grep -E "Error|error:|OutOfMemory" "runs/$name.log" | tail -3
   cp "runs/$name.log" "runs/train/$name/stdout.log" 2>/dev/null
@@ -70,16 +79,50 @@ for part in "${@:-cpt17}"; do
       bench p17-blocks-b4-cudnn 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
       ;;
-    cpt17next)  # levers not measured yet on the tuned 1.7B setting
-      B4=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=4)
-      bench p17-blocks-b4-chunkloss 150 "${B4[@]}" --set steps.grad_accum=4 --set runtime.loss_chunk_tokens=4096
+    chunk17)  # for 80 GB cards: the chunked LM head + loss (no full logits) so that micro batch 8 fits
+      bench p17-blocks-b4-chunkloss 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=4 --set steps.grad_accum=4 --set runtime.loss_chunk_tokens=4096
       bench p17-blocks-b8-chunkloss 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set steps.micro_batch_size=8 --set steps.grad_accum=2 --set runtime.loss_chunk_tokens=4096
-      bench p17-blocks-b4-acc8 150 "${B4[@]}" --set steps.grad_accum=8
-      bench p17-blocks-b4-autotune 240 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=max-autotune-no-cudagraphs
-      bench p17-blocks-b4-cudagraphs 180 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=reduce-overhead
-      bench p17-blocks-b6 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
-        --set steps.micro_batch_size=6 --set steps.grad_accum=3
+      ;;
+    floor17)  # the device's floor for the 1.7B step (matmuls + attention alone) and where a tuned step's time goes
+      el "kernel floor"
+      [[ ${SKIP_FLOOR-} ]] || timeout 120 python3 scripts/kernel_floor.py --preset qwen3-1.7b --micro-batch 4 8 --seq 2048 \
+        --out "$OUT/kernel_floor_1.7b.json" 2>&1 | grep -v -i warn
+      TRACK=profile bench p17-profile-blocks-b4 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=4 --set steps.grad_accum=4 --set steps.max_steps=5 --set profile.wait=2 \
+        --set profile.warmup=1 --set profile.active=2 --set profile.time_split=false
+      cp runs/train/p17-profile-blocks-b4/profile_summary.json "$OUT/" 2>/dev/null
+      ;;
+    levers17)  # single levers on the regional-compile 1.7B setting, one at a time
+      B4=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=4)
+      bench p17-blocks-b4 150 "${B4[@]}" --set steps.grad_accum=4
+      bench p17-blocks-b8 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      bench p17-blocks-b4-cudnn 150 "${B4[@]}" --set steps.grad_accum=4 --set runtime.sdpa_backend=cudnn
+      bench p17-blocks-b4-autotune 300 "${B4[@]}" --set steps.grad_accum=4 --set runtime.compile_mode=max-autotune-no-cudagraphs
+      ;;
+    base17)  # the Trainer as LLaMA-Factory / ms-swift run it: the side-by-side baseline (same data, global batch 16)
+      bench p17-trainer-default 150 "${P17[@]}" --set runtime.gradient_checkpointing=true \
+        --set steps.micro_batch_size=2 --set steps.grad_accum=8
+      ;;
+    levers17b)  # on top of micro batch 8 (H200 memory): larger micro batch, autotuned matmuls, accumulation, CUDA graphs
+      B8=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=8)
+      bench p17-blocks-b8-r2 150 "${B8[@]}" --set steps.grad_accum=2
+      bench p17-blocks-b16 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=16 --set steps.grad_accum=1
+      bench p17-blocks-b8-autotune 300 "${B8[@]}" --set steps.grad_accum=2 --set runtime.compile_mode=max-autotune-no-cudagraphs
+      bench p17-blocks-b8-acc4 180 "${B8[@]}" --set steps.grad_accum=4
+      ;;
+    repeat17)  # the best setting again: the spread of two identical runs is the noise
+      bench p17-blocks-b16-r2 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set steps.micro_batch_size=16 --set steps.grad_accum=1
+      ;;
+    cpt06b)  # the 0.6B shape: micro batch 4 (as on the H100), 8 and 16
+      B06=("${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks)
+      bench p06-blocks-b4 150 "${B06[@]}" --set steps.micro_batch_size=4 --set steps.grad_accum=4
+      bench p06-blocks-b8 150 "${B06[@]}" --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      bench p06-blocks-b16 150 "${B06[@]}" --set steps.micro_batch_size=16 --set steps.grad_accum=1
       ;;
     cpt06)
       bench p06-blocks-b4 150 "${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
@@ -115,7 +158,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 cpt17next cpt06 sft17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b repeat17 cpt06 cpt06b sft17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"

@@ -19,7 +19,7 @@ from .render import Report, gib, num, pct, table
 from .runs import RunRecord, ReportError, discover, protocol_differences
 
 MFU_FORMULA = ("MFU = tokens/s x (6 x (non-embedding params + LM-head params) + 12 x layers x attention width x "
-               "sequence length) / 989e12 FLOP/s (H100 dense bf16). For LoRA the weight gradients of frozen "
+               "sequence length) / 989e12 FLOP/s (dense bf16 of the H100 and the H200, the same chip). For LoRA the weight gradients of frozen "
                "weights are not computed: 4 x (non-embedding + LM-head) + 6 x LoRA params + 12 x L x A x span, "
                "where span is the mean attention span of a packed sample (sum len^2 / sum len).")
 
@@ -57,21 +57,24 @@ SPEED_HEADERS = ["run", "tokens/s (steady)", "MFU", "peak GiB", "micro batch", "
                  "compile", "attention", "SDPA backend", "Liger", "final loss"]
 
 
-def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train", out_dir: str | Path = "reports",
+def build_gpu_performance(spec_path: str | Path, root: str | Path | None = None, out_dir: str | Path = "reports",
                           command: str = "") -> tuple[Path, Path]:
+    """root: the run dirs (default: the spec's runs_root, else runs/train)."""
     spec_path = project_path(spec_path)
     try:
         spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ReportError(f"{spec_path} does not exist") from None
+    root = root or spec.get("runs_root") or "runs/train"
     names = sorted({n for t in (spec.get("targets") or {}).values() for k in ("run", "baseline_run")
                     if (n := t.get(k))} | {n for lv in spec.get("levers") or [] for n in (lv["base"], lv["with"])}
-                   | set(spec.get("runs") or []))
+                   | set(spec.get("runs") or []) | ({spec["profile_run"]} if spec.get("profile_run") else set()))
     runs = {r.name: r for r in discover(root, names)} if names else {}
     rep = Report("gpu_performance", spec.get("title", "GPU performance"), out_dir)
     first = next(iter(runs.values()), None)
     device = first.get("device.name") if first else None
-    rep.data.update(device=device, spec=os.path.relpath(spec_path, project_path(".")), mfu_formula=MFU_FORMULA)
+    rep.data.update(device=device, spec=os.path.relpath(spec_path, project_path(".")), mfu_formula=MFU_FORMULA,
+                    runs_root=str(root))
     rep.add(spec.get("intro", "").strip(), "", f"Device: {device}. " + (spec.get("setup", "").strip()), "",
             f"**{MFU_FORMULA}**", "")
 
@@ -153,6 +156,11 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train"
         "liger_kernel", "final_loss", "padding_waste", "seq_len", "flops_per_token", "task", "sft_mode")},
         "estimate_peak_ratio": r.get("estimate.peak_memory_ratio")} for r in ordered]
 
+    if spec.get("floor"):
+        _floor_section(rep, spec, runs)
+    if spec.get("profile_run"):
+        _profile_section(rep, runs[spec["profile_run"]])
+
     # --- packing check, estimator
     pc = spec.get("packing_check")
     if pc:
@@ -172,13 +180,111 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path = "runs/train"
     if est:
         p = project_path(est)
         body = read_json(p) if p.is_file() else None
-        rows = [[r.name, gib(r.get("estimate.predicted.peak_memory_bytes")), gib(r.get("peak_memory_bytes")),
-                 num(r.get("estimate.peak_memory_ratio"), 3), "compile not modelled" if r.get("torch_compile")
-                 else ""] for r in ordered if r.get("estimate.predicted")]
+        rows, ratios = [], []
+        for r in ordered:
+            if not r.get("estimate.predicted"):
+                continue
+            now = reestimate(r)
+            measured = r.get("peak_memory_bytes")
+            ratio = measured / now["peak_memory_bytes"] if now and measured else None
+            mode = now["shape"]["kernels"] if now else None
+            # compiled LoRA / checkpointed runs get the eager formula: an upper bound, not a model
+            modelled = mode is not None and (mode != "compiled" or not (
+                now["shape"]["lora"] or now["shape"]["gradient_checkpointing"]))
+            if ratio and modelled:
+                ratios.append((r.name, ratio, mode))
+            rows.append([r.name, gib(r.get("estimate.predicted.peak_memory_bytes")),
+                         gib(now["peak_memory_bytes"]) if now else "–", gib(measured),
+                         num(r.get("estimate.peak_memory_ratio"), 3), num(ratio, 3),
+                         "–" if mode is None else mode if modelled else f"{mode}: not calibrated, eager formula"])
+        calibrated = [x for _, x, _ in ratios]
         rep.add("## Memory estimator", "", spec.get("estimator_note", "").strip(), "",
-                table(["run", "predicted GiB", "measured GiB", "measured / predicted", "note"], rows), "")
-        rep.data["estimator"] = {"record": est, "summary": (body or {}).get("summary")}
+                table(["run", "predicted at the run GiB", "estimator now GiB", "measured GiB",
+                       "measured / at the run", "measured / now", "estimator mode"], rows), "")
+        if calibrated:
+            rep.add(f"Measured / now over the runs the estimator models (eager, and compiled full training): "
+                    f"{min(calibrated):.3f} to {max(calibrated):.3f} ({len(calibrated)} runs).", "")
+        rep.data["estimator"] = {"record": est, "summary": (body or {}).get("summary"),
+                                 "now": [{"run": n, "measured_over_now": x, "kernels": k} for n, x, k in ratios]}
     for line in spec.get("notes") or []:
         rep.add(f"- {line}")
     rep.add("")
     return rep.write(command)
+
+
+def reestimate(r: RunRecord) -> dict | None:
+    """The current estimator's prediction for a finished run of a preset shape: its resolved
+    config.yaml with what the run resolved (precision, the estimated sequence length, kernels).
+    None for runs of a model directory (its config is not kept with the run)."""
+    from ..model import presets
+    from ..train.estimator import estimate_run
+    from ..train.trainer import estimate_shape
+    cfg = r.dir / "config.yaml"
+    pred = r.get("estimate.predicted")
+    if not cfg.is_file() or not pred:
+        return None
+    conf = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    model = conf.get("model") or {}
+    if model.get("path") or not model.get("preset"):
+        return None
+    shape = estimate_shape(conf, r.get("precision") or "bf16", int(pred["shape"]["seq_len"]),
+                           bool(r.get("liger_kernel")))
+    return estimate_run(shape, presets.build_config(model["preset"]), int(pred["steps_detail"]["items"]),
+                        r.world_size)
+
+
+def _floor_section(rep: Report, spec: dict, runs: dict[str, RunRecord]) -> None:
+    """The device's floor (scripts/kernel_floor.py): matmuls and attention alone, and how close the
+    tuned run of each micro batch comes to it."""
+    p = project_path(spec["floor"])
+    if not p.is_file():
+        raise ReportError(f"spec: floor {p} does not exist")
+    body = read_json(p)
+    rep.data["floor"] = body
+    bw = body.get("copy_bytes_per_s")
+    rep.add("## The device's floor: matmuls and attention alone", "",
+            f"`{body['command']}` on {body['device']} ({body['date'][:10]}, torch {body['torch']}): every matmul "
+            "of a decoder block and of the LM head (forward, input gradient, weight gradient) and causal attention "
+            "forward + backward, each timed alone on fresh random bf16 inputs (CUDA events, median of "
+            f"{spec.get('floor_repeats', 10)}). A device-to-device copy moved {bw / 1e12:.2f} TB/s (read + write). "
+            "Summed over the layers, that is the step time if norms, RoPE, SwiGLU, the loss, casts and the "
+            "optimizer cost nothing: the ceiling for this shape.", "")
+    tuned = spec.get("floor_runs") or {}
+    rows = []
+    for f in body["floors"]:
+        fl = f["floor"]
+        mm = {r["matmul"]: r for r in f["matmuls"]}
+        att = {r["backend"]: r for r in f["attention"]}
+        run = runs.get(tuned.get(f["micro_batch"]) or tuned.get(str(f["micro_batch"])) or "")
+        got = run.get("tokens_per_s_steady") if run else None
+        rows.append([f["micro_batch"], f"{mm['q_proj']['tflops_fwd_bwd']:.0f} / {mm['k_proj']['tflops_fwd_bwd']:.0f} / "
+                     f"{mm['gate_proj']['tflops_fwd_bwd']:.0f} / {mm['lm_head']['tflops_fwd_bwd']:.0f}",
+                     " / ".join(f"{b} {r['ms_fwd_bwd']:.2f} ms" if "ms_fwd_bwd" in r else f"{b} cannot run"
+                                for b, r in att.items()),
+                     f"{fl['ms_per_micro_batch']:.1f}", num(fl["tokens_per_s"], 0), pct(fl["mfu"]),
+                     f"`{run.name}` {num(got, 0)} ({pct(got / fl['tokens_per_s'])} of the floor)" if got else "–"])
+    rep.add(table(["micro batch", "matmul TF/s fwd+bwd: q / k / gate / lm_head",
+                   "attention fwd+bwd per layer", "floor ms per micro-batch", "floor tokens/s", "floor MFU",
+                   "tuned run"], rows), "")
+
+
+def _profile_section(rep: Report, run: RunRecord) -> None:
+    """Device time per kernel category of one profiled run (profile_summary.json's kernels)."""
+    p = run.dir / "profile_summary.json"
+    if not p.is_file():
+        raise ReportError(f"spec: profile_run {run.name} has no profile_summary.json")
+    k = read_json(p).get("kernels")
+    if not k:
+        raise ReportError(f"spec: profile_run {run.name} recorded no device kernels (a CPU run?)")
+    rep.data["profile"] = {"run": run.name, "kernels": k}
+    rep.add("## Where a tuned step's time goes", "",
+            f"`{run.launch}`: torch.profiler over {k['steps']} optimizer steps (profile track without phase "
+            f"timers). The device was busy {pct(1 - k['idle_fraction'])} of the profiled window "
+            f"({k['busy_ms_per_step']:.0f} of {k['window_ms_per_step']:.0f} ms per step); the profiler's own host "
+            "overhead makes that window longer than an unprofiled step, so the idle share is an upper bound.", "",
+            table(["kernels", "ms per step", "share of kernel time"],
+                  [[c["category"], f"{c['ms_per_step']:.1f}", pct(c["share"])] for c in k["categories"]]), "",
+            "Longest kernels:", "",
+            table(["kernel", "category", "calls per step", "ms per step", "share"],
+                  [[f"`{t['kernel'][:90]}`", t["category"], num(t["calls_per_step"], 1), f"{t['ms_per_step']:.1f}",
+                    pct(t["share"])] for t in k["top_kernels"][:10]]), "")

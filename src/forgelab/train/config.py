@@ -158,6 +158,8 @@ class ProfileSection:
     record_shapes: bool = field(True, help="record operator input shapes")
     profile_memory: bool = field(False, help="record tensor allocations")
     with_stack: bool = field(False, help="record Python stacks (large traces)")
+    time_split: bool = field(True, help="host timers per phase (forward/backward/optimizer/data); on CUDA they "
+                                        "sync at each boundary, so turn off to see the device's own idle time")
 
 
 @dataclass
@@ -240,6 +242,14 @@ class TrainConfig:
                               "zero3_offload")
         if self.profile.enabled and self.profile.active < 1:
             raise ConfigError("key 'profile.active' must be >= 1")
+        rt = self.runtime
+        if rt.torch_compile and rt.compile_scope == "blocks" and rt.compile_mode and "reduce-overhead" in rt.compile_mode:
+            # measured on an H200: one block graph replayed once per layer overwrites the outputs that the
+            # next layer and the backward still hold ("accessing tensor output of CUDAGraphs that has been
+            # overwritten by a subsequent run")
+            raise ConfigError("key 'runtime.compile_mode' reduce-overhead (CUDA graphs) cannot run with "
+                              "runtime.compile_scope blocks: each layer's replay overwrites the previous layer's "
+                              "outputs; use compile_scope model, or another compile_mode")
         if self.eval.every_steps and not self.data.eval:
             raise ConfigError("key 'eval.every_steps' is set but data.eval is empty")
 

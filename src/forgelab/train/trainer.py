@@ -31,6 +31,7 @@ from .callbacks import MetricsCallback, SaveTimer, StopCallback, read_metrics, t
 from .data import SLOTS_KEY, TOKENS_KEY, CPTCollator, SFTCollator, attention_span, open_dataset
 from .flops import count_model, flops_per_token, mfu, peak_flops
 from .optim import decay_parameter_names, optimizer_name, scheduler_args
+from ..prof.kernels import kernel_breakdown
 from .profiling import ProfilerCallback, StepTimers, comms_from_trace
 
 log = logging.getLogger("forgelab.train")
@@ -311,6 +312,10 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
     )
     args = TrainingArguments(**kw)
     _ = args.device  # starts the process group now, before the model loads
+    if on_cuda:
+        # transformers sets TF32 through the new per-backend API only; inductor's matmul autotuning
+        # (max-autotune) reads the legacy global setting, which then refuses the mix. One call sets both.
+        torch.set_float32_matmul_precision("high" if rt.tf32 else "highest")
     if ds is not None:
         # ZeRO-3 partitions the model while it loads (zero.Init), which asks DeepSpeed's comm
         # layer for the world size; on CPU accelerate started plain torch.distributed instead
@@ -410,6 +415,17 @@ def build_model(pre, mc, on_cuda: bool, notices: list[str]):
     return model
 
 
+def estimate_shape(conf: dict, precision: str, seq_len: int, liger: bool) -> dict:
+    """A train config (as a dict) with the keys the estimator reads by leaf name set to what the
+    run resolves: precision, sequence length, packing, optimizer, method, kernels, weight dtype."""
+    shape = dict(conf, runtime=dict(conf.get("runtime") or {}, precision=precision))
+    lora = conf.get("task") == "sft" and (conf.get("sft") or {}).get("mode") == "lora"
+    shape.update(seq_len=seq_len, drop_last=True, packing=True, optimizer="adamw_torch",
+                 method="lora" if lora else "full", use_liger_kernel=liger, model_dtype="float32",
+                 deepspeed=(conf.get("dist") or {}).get("deepspeed"))
+    return shape
+
+
 def run_estimate(pre, mc, precision: str, liger: bool, world: int) -> tuple[dict | None, str | None]:
     """The pre-flight memory/step estimate (forgelab.train.estimator), fed the resolved settings."""
     try:
@@ -418,9 +434,6 @@ def run_estimate(pre, mc, precision: str, liger: bool, world: int) -> tuple[dict
         return None, "forgelab.train.estimator is not available"
     from ..config import to_dict
     conf = pre.conf
-    shape = to_dict(conf)
-    shape["runtime"]["precision"] = precision
-    # keys the estimator reads by leaf name; values as this run resolves them
     seq = pre.train.seq_len
     meta = pre.train.meta
     if pre.train.kind == "sft" and not meta.get("packed", True):
@@ -428,9 +441,7 @@ def run_estimate(pre, mc, precision: str, liger: bool, world: int) -> tuple[dict
         longest = int((meta.get("sample_tokens") or {}).get("max") or seq)
         mult = conf.data.pad_to_multiple_of
         seq = min(seq, -(-longest // mult) * mult if mult else longest)
-    shape.update(seq_len=seq, drop_last=True, packing=True, optimizer="adamw_torch",
-                 method="lora" if conf.task == "sft" and conf.sft.mode == "lora" else "full",
-                 use_liger_kernel=liger, model_dtype="float32", deepspeed=conf.dist.deepspeed)
+    shape = estimate_shape(to_dict(conf), precision, seq, liger)
     try:
         return estimate_run(shape, mc, pre.train.n_items, world), None
     except Exception as e:  # an estimator bug must not cost the training run; it is recorded
@@ -558,7 +569,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                 collator = SFTCollator(pad, conf.data.pad_to_multiple_of)
             else:
                 collator = CPTCollator()
-            timers = StepTimers(enabled=conf.profile.enabled, on_cuda=on_cuda)
+            timers = StepTimers(enabled=conf.profile.enabled and conf.profile.time_split, on_cuda=on_cuda)
             trainer = ForgeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                    data_collator=collator, processing_class=tokenizer, run_dir=pre.run_dir,
                                    keep_last=conf.checkpoint.keep_last, timers=timers, flops_per_token=fpt,
@@ -686,6 +697,7 @@ def _write_profile_summary(pre, prof_cb: ProfilerCallback, timers: StepTimers, f
     steps = prof_cb.active_steps
     traces = sorted(str(p.relative_to(pre.run_dir)) for p in (pre.run_dir / "profile").glob("trace_rank*.json"))
     comms = comms_from_trace(Path(prof_cb.trace_files[0]), steps) if prof_cb.trace_files else []
+    kernels = kernel_breakdown(prof_cb.trace_files[0], steps) if prof_cb.trace_files else None
     flops_step = fpt * tokens_step if tokens_step else None
     body = {
         "flops_per_step": flops_step,
@@ -694,10 +706,13 @@ def _write_profile_summary(pre, prof_cb: ProfilerCallback, timers: StepTimers, f
         "flops_note": "flops_per_step: model FLOPs of one optimizer step over all ranks (formula in "
                       "forgelab/train/flops.py); profiler: the matmul FLOPs torch.profiler counted on rank 0 "
                       "(aten mm/addmm/bmm; fused attention kernels are not counted, so it misses 12*L*A*S)",
-        "time_split_ms": timers.split_ms(),
+        "time_split_ms": timers.split_ms() if timers.enabled else None,
         "time_split_note": "rank 0, mean per optimizer step after metrics.steady_skip_steps; backward = "
                            "forward+backward - forward; with DeepSpeed the optimizer step runs inside the "
                            "last micro-batch's backward",
+        "kernels": kernels, "kernels_note": None if kernels is None else (
+            "phase timers synced the device at each boundary (profile.time_split): idle time includes those "
+            "syncs" if timers.enabled else "no phase timers: idle time is the run's own"),
         "comms": comms, "comms_rank": 0, "profiled_steps": steps, "world_size": world,
         "trace_files": traces, "op_tables": sorted(str(p.relative_to(pre.run_dir))
                                                   for p in (pre.run_dir / "profile").glob("ops_rank*.txt")),
