@@ -69,3 +69,15 @@ def test_config_hash_is_stable_and_sensitive():
     a, b = cfg.build(Conf, {"steps": 3}), cfg.build(Conf, {"steps": 3})
     assert cfg.config_hash(a) == cfg.config_hash(b)
     assert cfg.config_hash(a) != cfg.config_hash(cfg.build(Conf, {"steps": 4}))
+
+
+def test_on_off_choices_survive_yaml_booleans(tmp_path):
+    """YAML reads `off` as false: a choice key whose choices are words still gets "off"."""
+    @dataclass
+    class Knob:
+        fused: Literal["auto", "on", "off"] = field("auto", help="fused kernel")
+
+    assert cfg.load(Knob, [], ["fused=off"]).fused == "off"
+    assert cfg.load(Knob, [write(tmp_path / "k.yaml", "fused: on\n")]).fused == "on"
+    with pytest.raises(ConfigError, match="not one of"):
+        cfg.load(Optim, [], ["kind=off"])  # no word choice matches: still an error

@@ -214,6 +214,19 @@ def test_compile_on_cuda_only_runs_eager_on_cpu():
         _conf("runtime.torch_compile=gpu")
 
 
+def test_memory_warning_when_the_estimate_exceeds_the_gpu():
+    from forgelab.model.presets import build_config
+    from forgelab.train.estimator import estimate_run
+    from forgelab.train.trainer import memory_warning
+    h200, h100 = 143771 * 2**20, 81559 * 2**20
+    shape = {"seq_len": 2048, "precision": "bf16", "model_dtype": "float32", "torch_compile": True,
+             "micro_batch_size": 16}
+    e = estimate_run(shape, build_config("qwen3-1.7b"), 100, 1)  # measured 115.8 GiB on an H200
+    assert memory_warning(e, h200) is None
+    warn = memory_warning(e, h100)
+    assert warn and "micro_batch_size" in warn and "GiB needed" in warn
+
+
 def test_cuda_graphs_with_regional_compile_are_refused():
     ok = _conf("runtime.torch_compile=true", "runtime.compile_scope=blocks",
                "runtime.compile_mode=max-autotune-no-cudagraphs")

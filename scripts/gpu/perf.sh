@@ -10,13 +10,15 @@
 #   levers17  single levers on the regional-compile 1.7B setting (micro batch 8, cuDNN SDPA, max-autotune)
 #   base17  the Trainer baseline alone (the side-by-side partner of the tuned runs on a new device)
 #   levers17b  on top of micro batch 8 (needs > 80 GB): micro batch 16, max-autotune, accumulation 4
+#   levers17c  at micro batch 16: fused AdamW off, loader workers, checkpointing on, whole-model
+#          compile, seq 4096 (same tokens per step; needs .gpu/cpt4096)
 #   repeat17  the best 1.7B setting (micro batch 16) a second time, for the noise
 #   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
 #   pack   the packing check (per-sample logits, packed vs alone) on the GPU, sdpa and flex
-# Inputs: .gpu/tok, .gpu/cpt2048, .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
+# Inputs: .gpu/tok, .gpu/cpt2048 (.gpu/cpt4096 for levers17c), .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
 # .whl (transformers, peft, liger-kernel wheels). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
 # usage: OUT=dir BUDGET_S=560 bash scripts/gpu/perf.sh cpt17 [cpt06 sft17 pack]
 set -uo pipefail
@@ -118,6 +120,15 @@ for part in "${@:-cpt17}"; do
       bench p17-blocks-b16-r2 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set steps.micro_batch_size=16 --set steps.grad_accum=1
       ;;
+    levers17c)  # at micro batch 16: fused AdamW off, checkpointing on, whole-model compile, loader workers, seq 4096
+      B16=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=16 --set steps.grad_accum=1)
+      bench p17-blocks-b16-unfused 150 "${B16[@]}" --set optim.fused=off
+      bench p17-blocks-b16-ckpt 180 "${B16[@]}" --set runtime.gradient_checkpointing=true
+      bench p17-model-b16 240 "${P17[@]}" "${TUNED[@]}" --set steps.micro_batch_size=16 --set steps.grad_accum=1
+      bench p17-blocks-s4096-b8 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set data.train=.gpu/cpt4096/train --set steps.micro_batch_size=8 --set steps.grad_accum=1
+      bench p17-blocks-b16-workers2 150 "${B16[@]}" --set data.num_workers=2
+      ;;
     cpt06b)  # the 0.6B shape: micro batch 4 (as on the H100), 8 and 16
       B06=("${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks)
       bench p06-blocks-b4 150 "${B06[@]}" --set steps.micro_batch_size=4 --set steps.grad_accum=4
@@ -158,7 +169,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b repeat17 cpt06 cpt06b sft17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 cpt06 cpt06b sft17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"

@@ -147,7 +147,13 @@ def _coerce(tp: Any, value: Any, key: str, origins: dict) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"key '{key}'{_where(key, origins)}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value not in get_args(tp):
+        choices = get_args(tp)
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+            # YAML 1.1 reads on/off/yes/no as booleans: `fused: off` means the choice "off"
+            for word in (("on", "yes", "true") if value else ("off", "no", "false")):
+                if word in choices:
+                    return word
+        if value not in choices:
             close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"key '{key}'{_where(key, origins)}: {value!r} is not one of "

@@ -415,6 +415,17 @@ def build_model(pre, mc, on_cuda: bool, notices: list[str]):
     return model
 
 
+def memory_warning(estimate: dict, device_total: int) -> str | None:
+    """A warning when the estimated device memory (allocator peak + reserve + CUDA context) does
+    not fit the GPU; the run still starts (the estimate can be off, an out-of-memory error is clear)."""
+    need = estimate.get("device_bytes") or 0
+    if need <= device_total:
+        return None
+    return (f"{need / 2**30:.1f} GiB needed on a {device_total / 2**30:.1f} GiB GPU: expect out of memory; lower "
+            "steps.micro_batch_size (raise steps.grad_accum to keep the global batch) or turn on "
+            "runtime.gradient_checkpointing")
+
+
 def estimate_shape(conf: dict, precision: str, seq_len: int, liger: bool) -> dict:
     """A train config (as a dict) with the keys the estimator reads by leaf name set to what the
     run resolves: precision, sequence length, packing, optimizer, method, kernels, weight dtype."""
@@ -544,6 +555,10 @@ def run_session(pre, plan_info: dict | None = None) -> int:
             if estimate:
                 run.log.info("pre-flight estimate: peak %.2f GiB, %s steps",
                              estimate.get("peak_memory_bytes", 0) / 2**30, estimate.get("steps"))
+                if on_cuda:
+                    warn = memory_warning(estimate, torch.cuda.get_device_properties(args.device).total_memory)
+                    if warn:
+                        run.log.warning("pre-flight estimate: %s", warn)
             model = build_model(pre, mc, on_cuda, notices)
             sdpa = apply_sdpa_backend(conf.runtime.sdpa_backend, on_cuda, notices)
             if conf.runtime.torch_compile and conf.runtime.compile_scope == "blocks":
