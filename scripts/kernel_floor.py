@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from forgelab.model import presets
-    from forgelab.prof.floor import Shape, attention_floor, copy_bandwidth, matmul_floor, step_floor
+    from forgelab.prof.floor import INNER, Shape, attention_floor, copy_bandwidth, matmul_floor, step_floor
     from forgelab.runs import now_iso, write_json
     from forgelab.train.flops import count_model, flops_per_token, peak_flops
 
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     backends = args.backends if device.type == "cuda" else ["math"]
     result = {"command": "python scripts/kernel_floor.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": now_iso(), "device": name, "torch": torch.__version__, "dtype": args.dtype,
+              "timing": f"CUDA events around {INNER} back-to-back calls, median of {args.repeats} repeats",
               "preset": args.preset, "shape": shape.__dict__, "seq": args.seq, "flops_per_token": fpt,
               "peak_flops": peak, "peak_flops_source": peak_src,
               "copy_bytes_per_s": copy_bandwidth(device, (2 << 30) if device.type == "cuda" else (64 << 20),

@@ -6,7 +6,7 @@ large copy for the memory bandwidth.
 Summed over the layers this is the step time if nothing else ran (norms, RoPE, SwiGLU, the
 loss, casts and the optimizer free): its tokens/s and MFU are the ceiling that a tuned run is
 measured against. Matmuls run in bf16 (the autocast dtype), timed with CUDA events after a
-warm-up, median of several repeats, each repeat on fresh inputs.
+warm-up: the median over repeats of 5 back-to-back calls on rotating random inputs.
 """
 from __future__ import annotations
 
@@ -41,30 +41,34 @@ class Shape:
                 ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
 
 
+INNER = 5  # calls per timed repeat
+
+
 def _timer(device):
     import torch
 
-    def run(fn, make_inputs, repeats: int, warmup: int = 3) -> float:
-        """Median seconds of fn(*inputs) over repeats, each on inputs made fresh."""
-        inputs = [make_inputs() for _ in range(min(repeats, 3))]
+    def run(fn, make_inputs, repeats: int, warmup: int = 3, inner: int = INNER) -> float:
+        """Median seconds of one fn(*inputs) over repeats; each repeat times `inner` calls back to
+        back (so launch gaps and a cold clock weigh less), rotating over three input sets."""
+        inputs = [make_inputs() for _ in range(3)]
         for k in range(warmup):
             fn(*inputs[k % len(inputs)])
-        if device.type != "cuda":
-            import time
-            times = []
-            for k in range(repeats):
-                t = time.perf_counter()
-                fn(*inputs[k % len(inputs)])
-                times.append(time.perf_counter() - t)
-            return statistics.median(times)
         times = []
         for k in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(*inputs[k % len(inputs)])
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for j in range(inner):
+                    fn(*inputs[(k + j) % len(inputs)])
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3 / inner)
+            else:
+                import time
+                t = time.perf_counter()
+                for j in range(inner):
+                    fn(*inputs[(k + j) % len(inputs)])
+                times.append((time.perf_counter() - t) / inner)
         return statistics.median(times)
     return run
 
@@ -116,7 +120,7 @@ def attention_floor(shape: Shape, batch: int, seq: int, device, dtype, backends:
             with sdpa_kernel([names[name]]), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a backend that cannot run says why in the error too
                 out = F.scaled_dot_product_attention(q, kk, v, is_causal=True, enable_gqa=hq != hk)
-            out.backward(g)
+            torch.autograd.grad(out, (q, kk, v), g)  # no .grad accumulation between repeats
         try:
             t = run(fwd_bwd, inp, repeats)
         except RuntimeError as e:

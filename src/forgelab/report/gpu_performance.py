@@ -245,10 +245,11 @@ def _floor_section(rep: Report, spec: dict, runs: dict[str, RunRecord]) -> None:
     rep.add("## The device's floor: matmuls and attention alone", "",
             f"`{body['command']}` on {body['device']} ({body['date'][:10]}, torch {body['torch']}): every matmul "
             "of a decoder block and of the LM head (forward, input gradient, weight gradient) and causal attention "
-            "forward + backward, each timed alone on fresh random bf16 inputs (CUDA events, median of "
-            f"{spec.get('floor_repeats', 10)}). A device-to-device copy moved {bw / 1e12:.2f} TB/s (read + write). "
-            "Summed over the layers, that is the step time if norms, RoPE, SwiGLU, the loss, casts and the "
-            "optimizer cost nothing: the ceiling for this shape.", "")
+            "forward + backward, each timed alone on random bf16 inputs ("
+            f"{body.get('timing', 'CUDA events around one call, median of 10 repeats')}). A device-to-device copy "
+            f"moved {bw / 1e12:.2f} TB/s (read + write). Summed over the layers, that is the step time if norms, "
+            "RoPE, SwiGLU, the loss, casts and the optimizer cost nothing: an estimate of the ceiling for this "
+            "shape.", "")
     tuned = spec.get("floor_runs") or {}
     rows = []
     for f in body["floors"]:
@@ -266,6 +267,8 @@ def _floor_section(rep: Report, spec: dict, runs: dict[str, RunRecord]) -> None:
     rep.add(table(["micro batch", "matmul TF/s fwd+bwd: q / k / gate / lm_head",
                    "attention fwd+bwd per layer", "floor ms per micro-batch", "floor tokens/s", "floor MFU",
                    "tuned run"], rows), "")
+    if spec.get("floor_note"):
+        rep.add(spec["floor_note"].strip(), "")
 
 
 def _profile_section(rep: Report, run: RunRecord) -> None:
