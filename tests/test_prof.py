@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from forgelab.prof.floor import Shape, step_floor
-from forgelab.prof.kernels import category, kernel_breakdown
+from forgelab.prof.kernels import category, kernel_breakdown, trace_events
 from forgelab.runs import PROJECT_ROOT
 
 
@@ -35,7 +35,7 @@ def test_breakdown_counts_overlap_once_and_finds_the_idle_gaps(tmp_path):
               {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 400}]
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    k = kernel_breakdown(trace, steps=1)
+    k = kernel_breakdown(trace_events(trace), steps=1)
     assert k["window_ms_per_step"] == pytest.approx(0.310)
     assert k["busy_ms_per_step"] == pytest.approx(0.230)  # 0-120 + 200-310
     assert k["idle_fraction"] == pytest.approx(1 - 230 / 310)
@@ -44,7 +44,7 @@ def test_breakdown_counts_overlap_once_and_finds_the_idle_gaps(tmp_path):
     assert k["top_kernels"][0]["calls_per_step"] == 1
     cpu_only = tmp_path / "cpu.json"
     cpu_only.write_text(json.dumps({"traceEvents": events[-1:]}))
-    assert kernel_breakdown(cpu_only, steps=1) is None
+    assert kernel_breakdown(trace_events(cpu_only), steps=1) is None
 
 
 def test_step_floor_sums_layers_and_takes_the_fastest_attention():

@@ -40,7 +40,9 @@ def category(name: str, cat: str = "kernel") -> str:
     return "other"
 
 
-def _load(trace_file: Path) -> list[dict]:
+def trace_events(trace_file: str | Path) -> list[dict]:
+    """The events of a Chrome trace as torch.profiler exports it (.json or .json.gz)."""
+    trace_file = Path(trace_file)
     opener = gzip.open if trace_file.suffix == ".gz" else open
     with opener(trace_file, "rt", encoding="utf-8") as f:
         return json.load(f).get("traceEvents", [])
@@ -59,10 +61,10 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def kernel_breakdown(trace_file: str | Path, steps: int, top: int = 15) -> dict | None:
-    """Device time per category and the busy share of the window, per profiled step; None when
-    the trace holds no device events (a CPU run)."""
-    events = [e for e in _load(Path(trace_file)) if isinstance(e, dict) and e.get("ph") == "X"
+def kernel_breakdown(events: list[dict], steps: int, top: int = 15) -> dict | None:
+    """Device time per category and the busy share of the window, per profiled step, from a
+    trace's events (``trace_events``); None when there are no device events (a CPU run)."""
+    events = [e for e in events if isinstance(e, dict) and e.get("ph") == "X"
               and e.get("cat") in DEVICE_CATS and e.get("dur") is not None]
     if not events:
         return None

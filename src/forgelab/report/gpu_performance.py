@@ -189,8 +189,7 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path | None = None,
             ratio = measured / now["peak_memory_bytes"] if now and measured else None
             mode = now["shape"]["kernels"] if now else None
             # compiled LoRA / checkpointed runs get the eager formula: an upper bound, not a model
-            modelled = mode is not None and (mode != "compiled" or not (
-                now["shape"]["lora"] or now["shape"]["gradient_checkpointing"]))
+            modelled = mode is not None and now["activation_model"] == mode
             if ratio and modelled:
                 ratios.append((r.name, ratio, mode))
             rows.append([r.name, gib(r.get("estimate.predicted.peak_memory_bytes")),

@@ -697,6 +697,8 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
         "phases": {k: int(v) for k, v in phases.items()},
         "peak_phase": max(phases, key=phases.get),
         "activation_per_layer_per_token": {k: round(v, 2) for k, v in per_layer.items()},
+        # the formulas applied: shape.kernels "compiled" falls back to eager where not calibrated
+        "activation_model": "compiled" if compiled else ("liger" if shape.kernels == "liger" else "eager"),
         "params": {"total": P, "trainable": Pt, "embedding": dims.embedding_params,
                    "lm_head": dims.lm_head_params, "non_embedding": P - dims.embedding_params - dims.lm_head_params},
         "shape": dataclasses.asdict(shape) | {"ds": bool(shape.ds)},

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
-import json
 import logging
 import time
 from collections import defaultdict
@@ -93,11 +91,9 @@ class StepTimers:
                 "data": 1e3 * self.totals.get("data", 0.0) / n, "steps_measured": self.steps}
 
 
-def comms_from_trace(trace_file: Path, steps: int) -> list[dict]:
-    """Collectives per step from one Chrome trace (see the module docstring)."""
-    opener = gzip.open if trace_file.suffix == ".gz" else open
-    with opener(trace_file, "rt", encoding="utf-8") as f:
-        events = json.load(f).get("traceEvents", [])
+def comms_from_trace(events: list[dict], steps: int) -> list[dict]:
+    """Collectives per step from the events of one Chrome trace (``prof.kernels.trace_events``;
+    see the module docstring)."""
     backend_ev = [e for e in events if isinstance(e, dict) and e.get("ph") == "X"
                   and str(e.get("name", "")).startswith(("gloo:", "nccl:"))]
     param_ev = [e for e in events if isinstance(e, dict) and e.get("ph") == "X"

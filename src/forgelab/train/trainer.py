@@ -31,7 +31,7 @@ from .callbacks import MetricsCallback, SaveTimer, StopCallback, read_metrics, t
 from .data import SLOTS_KEY, TOKENS_KEY, CPTCollator, SFTCollator, attention_span, open_dataset
 from .flops import count_model, flops_per_token, mfu, peak_flops
 from .optim import decay_parameter_names, optimizer_name, scheduler_args
-from ..prof.kernels import kernel_breakdown
+from ..prof.kernels import kernel_breakdown, trace_events
 from .profiling import ProfilerCallback, StepTimers, comms_from_trace
 
 log = logging.getLogger("forgelab.train")
@@ -711,8 +711,9 @@ def _write_profile_summary(pre, prof_cb: ProfilerCallback, timers: StepTimers, f
                            tokens_step: float | None, world: int, run) -> None:
     steps = prof_cb.active_steps
     traces = sorted(str(p.relative_to(pre.run_dir)) for p in (pre.run_dir / "profile").glob("trace_rank*.json"))
-    comms = comms_from_trace(Path(prof_cb.trace_files[0]), steps) if prof_cb.trace_files else []
-    kernels = kernel_breakdown(prof_cb.trace_files[0], steps) if prof_cb.trace_files else None
+    events = trace_events(prof_cb.trace_files[0]) if prof_cb.trace_files else []  # read once: traces are large
+    comms = comms_from_trace(events, steps)
+    kernels = kernel_breakdown(events, steps)
     flops_step = fpt * tokens_step if tokens_step else None
     body = {
         "flops_per_step": flops_step,
