@@ -16,7 +16,7 @@ import sys
 from forgelab import cli
 from forgelab.config import to_dict
 from forgelab.runs import write_json
-from forgelab.train import estimator as est
+from forgelab.estimate import estimator as est, measure, sources
 
 
 def main() -> int:
@@ -35,10 +35,10 @@ def main() -> int:
         for f in dataclasses.fields(est.Knobs):
             print(f"estimate.{f.name} = {f.default!r}")
         return 0
-    conf, source = est.load_train_conf(args.config or [], args.overrides)
-    model_conf, model_src = est.resolve_model_config(conf, args.model)
-    items, items_src, data_seq = est.resolve_items(conf, args.items)
-    world = args.world_size or est.resolve_world_size(conf)
+    conf, source = sources.load_train_conf(args.config or [], args.overrides)
+    model_conf, model_src = sources.resolve_model_config(conf, args.model)
+    items, items_src, data_seq = sources.resolve_items(conf, args.items)
+    world = args.world_size or sources.resolve_world_size(conf)
     knobs = est.knobs_from_conf(conf)
     shape = to_dict(conf)
     if args.seq_len or data_seq:
@@ -47,7 +47,7 @@ def main() -> int:
     print(f"config: {source}\nmodel: {model_src}\nitems: {items} ({items_src})\nworld size: {world}\n")
     print(est.format_table(e))
     if args.measure:
-        m = est.measure_peak(shape, model_conf, args.measure, knobs=knobs)
+        m = measure.measure_peak(shape, model_conf, args.measure, knobs=knobs)
         e["measured"] = m
         print(f"\nmeasured peak {m['peak_memory_bytes'] / est.GiB:.3f} GiB on {m['device']} "
               f"(weights {m['weights_dtype']}, autocast {m['autocast']}); predicted "

@@ -1,6 +1,7 @@
 """Shared fixtures: real data and the real SmolLM2 model from the default manifest (fetched
-once into data/raw and model/, exactly as stage 01 does), plus a tiny random model that uses
-SmolLM2's tokenizer and chat template for fast training/serving tests."""
+once into data/raw and model/, exactly as stage 01 does), a tiny random model that uses
+SmolLM2's tokenizer and chat template for fast training/serving tests, and small training
+datasets built with it (cpt_dir, sft_dir; builders in tests/helpers.py)."""
 from __future__ import annotations
 
 import logging
@@ -70,3 +71,17 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
     LlamaForCausalLM(conf).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def cpt_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """CPT blocks (stage 04 format) of KJV verses: 160 x 64 tokens."""
+    from helpers import build_cpt
+    return build_cpt(tmp_path_factory.mktemp("cpt") / "train", tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A packed SFT store (stage 05 format) of 'continue the verse' chats."""
+    from helpers import build_sft
+    return build_sft(tmp_path_factory.mktemp("sft") / "train", tiny_model_dir)

@@ -119,3 +119,40 @@ def test_conversation_workload_from_gsm8k_and_sharegpt(smollm2_dir, gsm8k_train,
     empty.write_text('{"text": "no conversation"}\n')
     with pytest.raises(BenchError, match="no usable conversation"):
         build_requests(tok, conf(workload="conversations", conversations={"path": str(empty)}))
+
+
+def test_report_files_plots_and_comparison_without_a_server(tmp_path):
+    """The report writer on recorded results: report.md/.json with bench_*.png beside them in a
+    run directory, <stem>.md/.json/<stem>_*.png elsewhere, and the comparison of two runs."""
+    from forgelab.serve.bench_report import compare, markdown, plots, write_report
+    c = conf(num_prompts=3, warmup_requests=0, slo={"ttft": 200})
+    results = [RequestResult(i, ok=True, start=0.1 * i, ttft=0.1, latency=0.3, itl=[0.05, 0.1],
+                             prompt_tokens=8, output_tokens=3, tokens_from="usage",
+                             chunk_times=[0.1 * i + 0.1, 0.1 * i + 0.2, 0.1 * i + 0.3]) for i in range(3)]
+    summary = summarize(results, duration=1.0, conf=c) | {
+        "notes": [], "server_alive_after_run": True, "request_profile": "openai", "request_extras": {},
+        "concurrency_limit": 3, "not_sent": 0}
+    context = {"title": "unit", "date": "2025-01-01T00:00:00", "command": "python x.py",
+               "server": {"url": "http://127.0.0.1:1", "backend": "vllm"}, "device": {"cpu_count": 2},
+               "load_average_1m": {"before": 0.1, "after": 0.2}}
+    report = {"context": context, "config": cfg.to_dict(c), "summary": summary}
+    pngs = plots(results, summary)
+    assert set(pngs) == {"latency", "throughput"} and all(p.startswith(b"\x89PNG") for p in pngs.values())
+    assert plots([RequestResult(0, ok=False)], summary) == {}
+    runs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        md = write_report(report, pngs, d, "report", img_prefix="bench")
+        assert md == d / "report.md"
+        assert md.read_text() == markdown(report, ["bench_latency.png", "bench_throughput.png"])
+        assert "![bench_latency.png](bench_latency.png)" in md.read_text()
+        assert json.loads((d / "report.json").read_text()) == json.loads(json.dumps(report))
+        assert (d / "bench_latency.png").stat().st_size > 10_000 and (d / "bench_throughput.png").exists()
+        (d / "bench_summary.json").write_text(json.dumps({"fingerprint": {"tokenizer_fingerprint": "t"}}))
+        runs.append(d)
+    assert write_report(report, pngs, tmp_path / "reports", "bench") == tmp_path / "reports" / "bench.md"
+    assert (tmp_path / "reports" / "bench_throughput.png").exists()
+    assert (tmp_path / "reports" / "bench.json").exists()
+    md = compare(runs, tmp_path / "reports" / "cmp")
+    assert (tmp_path / "reports" / "cmp.md").read_text() == md and "| vllm |" in md
+    assert len(json.loads((tmp_path / "reports" / "cmp.json").read_text())["runs"]) == 2

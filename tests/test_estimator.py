@@ -13,7 +13,7 @@ import torch
 
 from forgelab.model.presets import build_config
 from forgelab.runs import PROJECT_ROOT
-from forgelab.train.estimator import (Knobs, estimate_run, estimate_steps, format_table, read_train_shape)
+from forgelab.estimate.estimator import (Knobs, estimate_run, estimate_steps, format_table, read_train_shape)
 
 GiB = 2**30
 

@@ -20,7 +20,7 @@ from forgelab.model.presets import build_config
 from forgelab.report.builders import build, build_all
 from forgelab.report.runs import ProtocolError, discover
 from forgelab.runs import PROJECT_ROOT, fingerprint_paths, write_json
-from forgelab.train.estimator import estimate_run
+from forgelab.estimate.estimator import estimate_run
 
 VOCAB = 256  # byte-level ids
 

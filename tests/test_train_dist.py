@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from forgelab.runs import PROJECT_ROOT, read_json
-from test_train_support import PY, cpt_dir, metrics, runs_dir, tiny_sets, train_cli  # noqa: F401
+from helpers import PY, metrics, runs_dir, tiny_sets, train_cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from forgelab.runs import PROJECT_ROOT, read_json
-from test_train_support import (PY, cpt_dir, metrics, runs_dir, sft_dir, tiny_sets, train_cli,  # noqa: F401
-                                train_inproc)
+from helpers import PY, metrics, runs_dir, tiny_sets, train_cli, train_inproc
 
 pytestmark = pytest.mark.slow
 

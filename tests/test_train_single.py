@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from forgelab.runs import read_json
-from test_train_support import cpt_dir, metrics, runs_dir, sft_dir, tiny_sets, train_cli, train_inproc  # noqa: F401
+from helpers import metrics, runs_dir, tiny_sets, train_cli, train_inproc
 
 pytestmark = pytest.mark.slow
 

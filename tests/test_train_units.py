@@ -11,7 +11,7 @@ from forgelab import config as cfg
 from forgelab.train import checkpoint as ckpt
 from forgelab.train.config import TrainConfig
 from forgelab.train.entry import launch_command, make_plan, preflight
-from test_train_support import cpt_dir, sft_dir, tiny_sets, train_cli  # noqa: F401
+from helpers import tiny_sets, train_cli
 
 
 def _conf(*sets: str, files=("configs/train/cpt.yaml",)) -> TrainConfig:
@@ -166,7 +166,7 @@ def test_sft_from_a_preset_is_a_random_init_benchmark_shape():
 
 
 def test_cuda_speed_knobs_degrade_on_cpu_with_a_notice():
-    from forgelab.train.trainer import _choose_attn, apply_sdpa_backend
+    from forgelab.train.runtime import apply_sdpa_backend, choose_attn as _choose_attn
     notices: list[str] = []
     assert apply_sdpa_backend("cudnn", on_cuda=False, notices=notices) == "auto"
     assert apply_sdpa_backend("auto", on_cuda=False, notices=notices) == "auto"
@@ -178,7 +178,7 @@ def test_regional_compile_finds_the_blocks_and_keeps_the_outputs(tiny_model_dir)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from forgelab.train.trainer import compile_blocks, decoder_blocks
+    from forgelab.train.runtime import compile_blocks, decoder_blocks
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert decoder_blocks(model) is model.model.layers
     ids = torch.randint(0, 1000, (2, 16))
@@ -204,7 +204,7 @@ def test_collators_count_real_tokens_and_padded_slots():
 
 
 def test_compile_on_cuda_only_runs_eager_on_cpu():
-    from forgelab.train.trainer import _choose_compile
+    from forgelab.train.runtime import choose_compile as _choose_compile
     notices: list[str] = []
     assert _choose_compile("cuda", on_cuda=False, notices=notices) is False and notices
     assert _choose_compile("cuda", on_cuda=True, notices=[]) is True
@@ -216,8 +216,8 @@ def test_compile_on_cuda_only_runs_eager_on_cpu():
 
 def test_memory_warning_when_the_estimate_exceeds_the_gpu():
     from forgelab.model.presets import build_config
-    from forgelab.train.estimator import estimate_run
-    from forgelab.train.trainer import memory_warning
+    from forgelab.estimate.estimator import estimate_run
+    from forgelab.train.memory_check import memory_warning
     h200, h100 = 143771 * 2**20, 81559 * 2**20
     shape = {"seq_len": 2048, "precision": "bf16", "model_dtype": "float32", "torch_compile": True,
              "micro_batch_size": 16}
@@ -270,7 +270,7 @@ def test_chunked_head_and_loss_match_the_models_own(tiny_model_dir, chunk):
 def test_chunked_loss_is_refused_where_it_cannot_run(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from forgelab.train.trainer import _choose_loss_chunk
+    from forgelab.train.runtime import choose_loss_chunk as _choose_loss_chunk
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     notes: list[str] = []
     assert _choose_loss_chunk(_conf("runtime.loss_chunk_tokens=512"), model, 1, notes) == 512 and not notes

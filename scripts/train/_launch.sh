@@ -4,7 +4,7 @@
 #   + backends/<backend>.yaml
 # and calls the one entry point, scripts/train.py, which starts torchrun or the DeepSpeed
 # launcher itself when the backend needs several processes.
-# usage: _launch.sh TRACK|"" [BACKEND] [--task cpt|pretrain|sft_lora|sft_full] [scripts/train.py args]
+# usage: _launch.sh TRACK|"" [BACKEND] [--task cpt|pretrain|sft_lora|sft_full|<method>] [scripts/train.py args]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 conf="$root/configs/train"
@@ -25,7 +25,10 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $task == sft ]] && task=sft_lora
 die() { echo "$*" >&2; exit 2; }
-[[ -f $conf/$task.yaml ]] || die "unknown task '$task' (cpt, pretrain, sft_lora, sft_full)"
+if [[ ! -f $conf/$task.yaml ]]; then  # one config per training method (src/forgelab/train/methods/)
+  known=$(cd "$conf" && ls *.yaml | sed 's/\.yaml$//' | grep -vx base | paste -sd, - | sed 's/,/, /g')
+  die "unknown task '$task' ($known)"
+fi
 [[ -f $conf/backends/$backend.yaml ]] || die "unknown backend '$backend' (single, ddp, fsdp, zero2, zero3_offload)"
 configs=(--config "$conf/$task.yaml")
 if [[ -n $track ]]; then

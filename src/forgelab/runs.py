@@ -66,6 +66,18 @@ def read_json(path: str | Path) -> Any:
 
 # ----------------------------------------------------------------------------- fingerprints
 
+def read_metrics(path: str | Path, bad_lines: list | None = None, error: type[Exception] | None = None) -> list[dict]:
+    """The records of a run's metrics.jsonl (none when it is missing): the one reader of step
+    records, for training (resume, summary) and reports alike. A torn last line (a kill
+    mid-append) is skipped and appended to `bad_lines`; any other bad line raises `error`
+    (default forgelab.jsonl.JsonlError) naming file:line."""
+    from .jsonl import JsonlError, read_jsonl
+    read = read_jsonl(path, bad="torn_tail", error=error or JsonlError, missing_ok=True)
+    if bad_lines is not None:
+        bad_lines.extend(read.bad)
+    return read.records
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

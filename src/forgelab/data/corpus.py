@@ -24,6 +24,7 @@ from typing import Iterator, Literal, Optional
 
 import numpy as np
 
+from ..components import component_fingerprints, load_components
 from ..config import ConfigError, field
 from ..runs import fingerprint_paths, project_path, sha256_file
 from . import clean
@@ -63,6 +64,10 @@ class FilterConfig:
     max_digit_ratio: float = field(0.15, help="digits over non-space chars above this -> digit_ratio")
     min_script_share: float = field(0.7, help="share of letters in the source language's script "
                                               "(CJK for zh/ja/ko, Latin otherwise) below this -> wrong_language")
+    keep: list[str] = field([], help="plug-in filters after the ones above: dotted paths (module:name or "
+                                     "path/file.py:name) of keep(record: dict) -> bool, called on each "
+                                     "normalized document {id, source, lang, text}; False drops it, counted "
+                                     "under the function's name; docs/components.md")
 
 
 @dataclass
@@ -118,6 +123,10 @@ class CorpusConfig:
             raise ConfigError(f"key 'heldout_fraction': {self.heldout_fraction} is not in [0, 1)")
         if self.unicode_form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
             raise ConfigError(f"key 'unicode_form': {self.unicode_form!r} is not NFC, NFKC, NFD, NFKD or null")
+        for i, name in enumerate(load_components("filter", self.filters.keep, "filters.keep")):
+            if name in REASONS:
+                raise ConfigError(f"key 'filters.keep[{i}]': filter {name!r} has the name of a built-in "
+                                  f"drop reason; rename the function")
 
 
 @dataclass
@@ -141,6 +150,8 @@ def _bad(src: SourceConfig, where: str, msg: str, on_bad: str, counts: Counter, 
 def _records(src: SourceConfig, path: Path, on_bad: str, counts: Counter, log) -> Iterator[tuple[int, str, tuple, dict]]:
     """(line number, text, group key, record) per input record; blank text lines yield text ''."""
     from tqdm import tqdm
+
+    from ..jsonl import BadJson, loads_line
     size = path.stat().st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"read {src.name}",
                                       file=sys.stderr, leave=False) as bar:
@@ -163,9 +174,9 @@ def _records(src: SourceConfig, path: Path, on_bad: str, counts: Counter, log) -
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    _bad(src, where, f"invalid JSON ({e.msg}, column {e.colno})", on_bad, counts, log)
+                    rec = loads_line(line)
+                except BadJson as e:  # reason: "invalid JSON (<msg>, column <c>)"
+                    _bad(src, where, e.reason, on_bad, counts, log)
                     continue
                 if not isinstance(rec, dict) or not isinstance(rec.get(src.text_field), str):
                     _bad(src, where, f"no string field '{src.text_field}'", on_bad, counts, log)
@@ -244,6 +255,20 @@ def filter_reason(text: str, lang: str, f: FilterConfig) -> str | None:
     return None
 
 
+def _plugin_reason(keep: dict, d: Doc) -> str | None:
+    """The name of the first plug-in filter that drops a document, or None."""
+    for name, fn in keep.items():
+        try:
+            ok = fn({"id": d.id, "source": d.source, "lang": d.lang, "text": d.text})
+        except Exception as e:
+            raise CorpusError(f"document {d.id}: filter {name!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(ok, bool) and type(ok).__name__ != "bool_":
+            raise CorpusError(f"document {d.id}: filter {name!r} returned {ok!r}; expected True or False")
+        if not ok:
+            return name
+    return None
+
+
 def _order_key(seed: int, salt: str, doc_id: str) -> bytes:
     # A per-document hash: a document's rank never depends on which other documents exist.
     return hashlib.sha1(f"{seed}:{salt}:{doc_id}".encode()).digest()
@@ -305,6 +330,9 @@ def build_corpus(conf: CorpusConfig, log) -> dict:
 
     per: dict[str, dict] = {}
     kept: dict[str, list[Doc]] = {}
+    keep = load_components("filter", conf.filters.keep, "filters.keep")
+    k = REASONS.index("wrong_language") + 1  # plug-in filters run after the built-in ones
+    reasons = REASONS[:k] + tuple(keep) + REASONS[k:]
     for src in conf.sources:
         counts: Counter = Counter()
         docs = []
@@ -313,6 +341,8 @@ def build_corpus(conf: CorpusConfig, log) -> dict:
             n_docs += 1
             d.text = clean.normalize(d.text, conf.unicode_form)
             reason = filter_reason(d.text, src.lang, conf.filters)
+            if not reason and keep:
+                reason = _plugin_reason(keep, d)
             if reason:
                 counts[reason] += 1
             else:
@@ -386,10 +416,10 @@ def build_corpus(conf: CorpusConfig, log) -> dict:
     dropped_total: Counter = Counter()
     for p in per.values():
         dropped_total.update(p["dropped"])
-        p["dropped"] = {r: p["dropped"].get(r, 0) for r in REASONS}
+        p["dropped"] = {r: p["dropped"].get(r, 0) for r in reasons}
     summary = {
         "sources": per,
-        "dropped": {r: dropped_total.get(r, 0) for r in REASONS},
+        "dropped": {r: dropped_total.get(r, 0) for r in reasons},
         "mix": {"by": by, "target": conf.mix.target,
                 "target_ratio": {k: round(r / sum(ratios.values()), 4) for k, r in ratios.items()},
                 "achieved_ratio": {k: round(v / total, 4) if total else 0.0 for k, v in achieved.items()},
@@ -402,15 +432,18 @@ def build_corpus(conf: CorpusConfig, log) -> dict:
         },
         "output_fingerprint": fingerprint_paths([out / "train.jsonl", out / "heldout.jsonl"]),
     }
+    if keep:
+        summary["components"] = component_fingerprints(conf.filters.keep)
     return summary
 
 
 def format_summary(s: dict) -> str:
     """A small table for the log / terminal."""
-    cols = ("documents",) + REASONS + ("train_docs", "heldout_docs", "sampled_chars")
+    reasons = tuple(s["dropped"])  # REASONS, with plug-in filters after the built-in filters
+    cols = ("documents",) + reasons + ("train_docs", "heldout_docs", "sampled_chars")
     lines = ["source | " + " | ".join(cols), "---|" + "---|" * len(cols)]
     for name, p in s["sources"].items():
-        vals = [p["documents"]] + [p["dropped"][r] for r in REASONS] + [p["train_docs"], p["heldout_docs"],
+        vals = [p["documents"]] + [p["dropped"][r] for r in reasons] + [p["train_docs"], p["heldout_docs"],
                                                                        p["sampled_chars"]]
         lines.append(f"{name} | " + " | ".join(str(v) for v in vals))
     m = s["mix"]

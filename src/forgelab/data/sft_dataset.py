@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 from tqdm import tqdm
 
+from ..components import component_fingerprints, load_components
 from ..config import ConfigError, field
 from ..runs import fingerprint_paths, project_path, sha256_file
 from .sft_formats import (FORMAT_FIELDS, REASONS, SHAREGPT_ROLES, BadRecord, SFTFileError, convert,
@@ -46,6 +47,10 @@ class SFTSource:
                                                                "non-empty input form the user turn")
     optional: bool = field(False, help="a missing file is reported and skipped instead of failing")
     license: str = field("", help="license of the source, for the record")
+    preprocess: list[str] = field([], help="plug-in preprocessors, in order: dotted paths (module:name or "
+                                           "path/file.py:name) of preprocess(record: dict) -> dict | None, "
+                                           "applied to each raw record before format conversion; None "
+                                           "drops it (counted per preprocessor); docs/components.md")
 
     def validate(self) -> None:
         allowed = FORMAT_FIELDS[self.format]
@@ -75,8 +80,14 @@ class SFTDataConfig:
     dedup: bool = field(True, help="drop exact duplicate conversations (counted per source)")
     strict: bool = field(False, help="fail on the first bad record, naming file:line")
     out_dir: str = field("data/cleaned/sft", help="where train.jsonl and val.jsonl are written")
+    keep: list[str] = field([], help="plug-in filters: dotted paths of keep(record: dict) -> bool, called on "
+                                     "each converted conversation {id, source, messages[, tools]} before "
+                                     "dedup; False drops it (counted per filter); docs/components.md")
 
     def validate(self) -> None:
+        for name, src in self.sources.items():  # a wrong path fails here, before any data is read
+            load_components("preprocessor", src.preprocess, f"sources.{name}.preprocess")
+        load_components("filter", self.keep, "keep")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"key 'val_fraction': {self.val_fraction} not in [0, 1)")
         if not self.sources:
@@ -126,17 +137,56 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _preprocess(fns: dict, rec, where: str, dropped: Counter):
+    """A raw record through the source's preprocessors; None when one of them drops it."""
+    for pname, fn in fns.items():
+        try:
+            out = fn(rec)
+        except Exception as e:
+            raise SFTDataError(f"{where}: preprocessor {pname!r} raised {type(e).__name__}: {e}") from e
+        if out is None:
+            dropped[pname] += 1
+            return None
+        if not isinstance(out, dict):
+            raise SFTDataError(f"{where}: preprocessor {pname!r} returned {type(out).__name__}; "
+                               f"expected a dict or None")
+        rec = out
+    return rec
+
+
+def _kept(fns: dict, row: dict, where: str, dropped: Counter) -> bool:
+    """False when one of the filters drops the converted conversation."""
+    for fname, fn in fns.items():
+        try:
+            ok = fn(row)
+        except Exception as e:
+            raise SFTDataError(f"{where}: filter {fname!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(ok, bool) and type(ok).__name__ != "bool_":
+            raise SFTDataError(f"{where}: filter {fname!r} returned {ok!r}; expected True or False")
+        if not ok:
+            dropped[fname] += 1
+            return False
+    return True
+
+
 def _read_source(name: str, src: SFTSource, conf: SFTDataConfig, run, bad_out: list) -> tuple[list, dict]:
     """Convert every record of one source; bad ones go to bad_out (or raise in strict mode)."""
     path = project_path(src.path)
     stats = {"path": src.path, "format": src.format, "records": 0, "blank_lines": 0,
              "bad": Counter(), "converted": 0}
+    pre = load_components("preprocessor", src.preprocess, f"sources.{name}.preprocess")
+    keep = load_components("filter", conf.keep, "keep")
+    by_pre, by_keep = Counter(), Counter()
     rows = []
     logged = Counter()
     try:
         records = iter_records(path)
         for line, rec in tqdm(records, desc=f"sft {name}", unit="rec", mininterval=2.0):
             stats["records"] += 1
+            if pre and isinstance(rec, dict):
+                rec = _preprocess(pre, rec, f"{src.path}:{line}", by_pre)
+                if rec is None:
+                    continue
             try:
                 messages, tools = convert(rec, src.format, src.columns, src.roles,
                                           src.user_template, src.system)
@@ -159,12 +209,21 @@ def _read_source(name: str, src: SFTSource, conf: SFTDataConfig, run, bad_out: l
             row = {"id": rid, "source": name, "messages": messages}
             if tools:
                 row["tools"] = tools
+            if keep and not _kept(keep, row, f"{src.path}:{line}", by_keep):
+                continue
             rows.append(row)
     except SFTFileError as e:
         raise SFTDataError(str(e)) from None
     except UnicodeDecodeError as e:
         raise SFTDataError(f"{src.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     stats["converted"] = len(rows)
+    if pre:
+        stats["dropped_by_preprocessor"] = {p: by_pre[p] for p in pre}
+    if keep:
+        stats["dropped_by_filter"] = {f: by_keep[f] for f in keep}
+    for what, counts in (("preprocessor", by_pre), ("filter", by_keep)):
+        for cname, n in counts.items():
+            run.log.info("source %s: %d records dropped by %s %s", name, n, what, cname)
     for reason, n in logged.items():
         if n > LOG_BAD_LIMIT:
             run.log.warning("%s: %d more '%s' records (see bad_records.jsonl)",
@@ -249,6 +308,15 @@ def build_sft_dataset(conf: SFTDataConfig, run) -> dict:
         "input_fingerprint": fingerprint_paths(inputs),
         "output_fingerprint": fingerprint_paths([train_path, val_path]),
     }
+    for what in ("dropped_by_preprocessor", "dropped_by_filter"):  # only when components are configured
+        total: Counter = Counter()
+        for st in per_source.values():
+            total.update(st.get(what, {}))
+        if any(what in st for st in per_source.values()):
+            summary[what] = dict(total)
+    specs = [s for n, _ in conf.selection() for s in conf.sources[n].preprocess] + conf.keep
+    if specs:
+        summary["components"] = component_fingerprints(specs)
     run.summary.update(summary)
     run.data_fingerprint = summary["output_fingerprint"]
     if bad:

@@ -72,14 +72,9 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line, record or BadRecord) for every record of a file; blank lines are skipped."""
     kind = file_kind(path)
     if kind == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, BadRecord("bad_json", f"{e.msg} at column {e.colno}")
+        from ..jsonl import BadLine, iter_jsonl
+        for n, rec in iter_jsonl(path, bad="keep", error=SFTFileError):  # not UTF-8: SFTFileError
+            yield n, BadRecord("bad_json", rec.detail) if isinstance(rec, BadLine) else rec
     elif kind == "json":
         yield from _iter_json_array(path)
     else:

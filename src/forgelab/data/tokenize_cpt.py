@@ -27,6 +27,7 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 
 from ..config import ConfigError, field
+from ..jsonl import iter_jsonl
 from ..runs import PROJECT_ROOT, fingerprint_paths, now_iso, project_path, write_json
 
 FORMAT_VERSION = 1
@@ -135,27 +136,20 @@ def read_text_batches(path: Path, text_field: str, batch_docs: int,
     """Batches of (document texts, their "source" field); a malformed line stops with file:line."""
     batch: list[str] = []
     sources: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenizeError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-            text = rec.get(text_field) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise TokenizeError(f"{path}:{lineno}: no string field '{text_field}'")
-            if not text:
-                stats["empty_documents"] += 1  # nothing to learn from; an EOS alone adds noise
-                continue
-            stats["n_documents"] += 1
-            stats["n_chars"] += len(text)
-            batch.append(text)
-            sources.append(str(rec.get("source", "")))
-            if len(batch) == batch_docs:
-                yield batch, sources
-                batch, sources = [], []
+    for lineno, rec in iter_jsonl(path, error=TokenizeError):
+        text = rec.get(text_field) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise TokenizeError(f"{path}:{lineno}: no string field '{text_field}'")
+        if not text:
+            stats["empty_documents"] += 1  # nothing to learn from; an EOS alone adds noise
+            continue
+        stats["n_documents"] += 1
+        stats["n_chars"] += len(text)
+        batch.append(text)
+        sources.append(str(rec.get("source", "")))
+        if len(batch) == batch_docs:
+            yield batch, sources
+            batch, sources = [], []
     if batch:
         yield batch, sources
 

@@ -10,7 +10,6 @@ prefix-stable (e.g. one that rewrites earlier turns) fails loudly.
 from __future__ import annotations
 
 import hashlib
-import json
 from bisect import bisect_left, insort
 from collections import Counter
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from typing import Literal, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..components import load_component
 from ..config import ConfigError, field
-from ..model.tokenizer_info import tokenizer_fingerprint
+from ..model.tokenizer_info import tokenizer_fingerprint, tokenizer_fingerprint_with_template
 from ..runs import fingerprint_paths, project_path
 from .sft_formats import BadRecord, check_conversation
 from .sft_store import IGNORE_INDEX, write_store
@@ -40,7 +40,12 @@ class SFTTokenizeError(RuntimeError):
 @dataclass
 class TokenizeSFTConfig:
     tokenizer: str = field("model/smollm2-135m-instruct", help="model or tokenizer directory; "
-                                                              "its chat template is used")
+                                                              "its chat template is used unless chat_template is set")
+    chat_template: Optional[str] = field(None, help="plug-in chat template: dotted path (module:name or "
+                                                    "path/file.py:name) of a Jinja str or a template() -> str "
+                                                    "function, set on the tokenizer before tokenizing and "
+                                                    "recorded in meta.json and the tokenizer fingerprint "
+                                                    "(null: the tokenizer's own); docs/components.md")
     data_dir: str = field("data/cleaned/sft", help="stage 03 output (<split>.jsonl files)")
     splits: list[str] = field(["train", "val"], help="splits to tokenize")
     out_dir: str = field("data/tokenized/sft", help="output: <out_dir>/<split>/ stores")
@@ -63,6 +68,26 @@ class TokenizeSFTConfig:
             raise ConfigError("key 'waste_batch_size': must be >= 1")
         if not self.splits:
             raise ConfigError("key 'splits': empty")
+        if self.chat_template is not None:
+            load_component("chat_template", self.chat_template, "chat_template")
+
+
+def chat_template_info(conf: TokenizeSFTConfig, tokenizer) -> dict | None:
+    """With conf.chat_template: set it on the tokenizer and return what meta.json records
+    (path, sha256, the template text, the fingerprints with and without it); else None."""
+    if conf.chat_template is None:
+        return None
+    template = load_component("chat_template", conf.chat_template, "chat_template")
+    tokenizer.chat_template = template
+    tok_dir = project_path(conf.tokenizer)
+    return {"path": conf.chat_template, "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "template": template, "base_tokenizer_fingerprint": tokenizer_fingerprint(tok_dir),
+            "tokenizer_fingerprint": tokenizer_fingerprint_with_template(tok_dir, template)}
+
+
+def _with_template(fp: str, info: dict | None) -> str:
+    """A data fingerprint that also names the chat template (unchanged without one)."""
+    return fp if info is None else hashlib.sha256(f"{fp}:{info['sha256']}".encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- one conversation
@@ -201,28 +226,24 @@ def _control_tokens(tokenizer) -> list[str]:
 
 def read_conversations(path: Path):
     """Yield (line, record) of a stage 03 jsonl file; malformed lines stop with file:line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTTokenizeError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in rec["messages"]):
-                raise SFTTokenizeError(f"{path}:{n}: expected an object with 'messages' of "
-                                       f"{{role, content}} strings (stage 03 output)")
-            try:
-                check_conversation(rec["messages"], allow_tool_runs=True)
-            except BadRecord as e:
-                raise SFTTokenizeError(f"{path}:{n}: {e} (stage 03 output expected)") from None
-            yield n, rec
+    from ..jsonl import iter_jsonl
+    for n, rec in iter_jsonl(path, error=SFTTokenizeError):
+        if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in rec["messages"]):
+            raise SFTTokenizeError(f"{path}:{n}: expected an object with 'messages' of "
+                                   f"{{role, content}} strings (stage 03 output)")
+        try:
+            check_conversation(rec["messages"], allow_tool_runs=True)
+        except BadRecord as e:
+            raise SFTTokenizeError(f"{path}:{n}: {e} (stage 03 output expected)") from None
+        yield n, rec
 
 
 def tokenize_split(conf: TokenizeSFTConfig, tokenizer, src: Path, dst: Path, log) -> dict:
-    """Tokenize one split file into a store; returns its meta."""
+    """Tokenize one split file into a store; returns its meta. With conf.chat_template the
+    tokenizer is given that template first."""
+    template = chat_template_info(conf, tokenizer)
     end_id = _end_token_id(tokenizer, conf.end_token)
     controls = _control_tokens(tokenizer)
     samples: list[tuple[list[int], list[int]]] = []
@@ -309,6 +330,10 @@ def tokenize_split(conf: TokenizeSFTConfig, tokenizer, src: Path, dst: Path, log
         "source_file": str(src),
         "content_sha256": content.hexdigest()[:16],
     }
+    if template is not None:  # training sets this template on the tokenizer it saves with the model
+        meta["tokenizer_fingerprint"] = template["tokenizer_fingerprint"]
+        meta["data_fingerprint"] = _with_template(meta["data_fingerprint"], template)
+        meta["chat_template"] = template
     write_store(dst, input_ids, labels, positions, offsets, meta)
     return meta
 
@@ -347,5 +372,6 @@ def tokenize_sft(conf: TokenizeSFTConfig, run) -> dict:
         out[s] = meta
     run.summary.update({"splits": out, "out_dir": conf.out_dir})
     run.tokenizer_fingerprint = next(iter(out.values()))["tokenizer_fingerprint"]
-    run.data_fingerprint = fingerprint_paths(list(srcs.values()))
+    run.data_fingerprint = _with_template(fingerprint_paths(list(srcs.values())),
+                                          next(iter(out.values())).get("chat_template"))
     return out

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..components import load_components
 from ..config import ConfigError, build, field
 
 TASKS = ("perplexity", "math", "mmlu")
+# keyword lists the math task gives a plug-in reward besides prompts and completions
+MATH_REWARD_COLUMNS = ("answer", "question")
 
 
 @dataclass
@@ -70,6 +73,12 @@ class MathConfig:
     system_prompt: str | None = field(None, help="system message before the exemplars (null = the chat template's default)")
     max_new_tokens: int = field(256, help="generation budget per problem (greedy)")
     seed: int = field(1234, help="seed of the subset and exemplar draws")
+    metrics: list[str] = field([], help="plug-in metrics: dotted paths (module:name or path/file.py:name) of "
+                               "metric(prediction: str, reference: str) -> float, called on each response "
+                               "and gold answer; the mean is reported next to exact match; docs/components.md")
+    rewards: list[str] = field([], help="plug-in rewards in TRL's convention: dotted paths of reward(prompts, "
+                               "completions, **kwargs) -> list[float | None], given answer= and question= "
+                               "lists too; the mean is reported; docs/components.md")
 
     def __post_init__(self) -> None:  # list defaults arrive as plain dicts
         self.datasets = [d if isinstance(d, MathDataset) else build(MathDataset, d) for d in self.datasets]
@@ -141,3 +150,6 @@ class EvalConfig:
             raise ConfigError(f"models: duplicate names {names}")
         if not self.tasks:
             raise ConfigError(f"tasks: at least one of {list(TASKS)} is needed")
+        # plug-in components: a wrong path or signature fails here, before any model loads
+        load_components("metric", self.math.metrics, "math.metrics")
+        load_components("reward", self.math.rewards, "math.rewards", MATH_REWARD_COLUMNS)

@@ -2,13 +2,13 @@
 parquet, with errors that name the file and line."""
 from __future__ import annotations
 
-import json
 import random
 import re
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
+from ..jsonl import iter_jsonl
 from ..runs import project_path
 from .answers import asdiv_gold, gsm8k_gold
 
@@ -28,17 +28,10 @@ def read_rows(path: str | Path) -> list[dict]:
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{i}: invalid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise EvalDataError(f"{path}:{i}: expected a JSON object")
-            rows.append(row)
+    for i, row in iter_jsonl(path, error=EvalDataError):
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{path}:{i}: expected a JSON object")
+        rows.append(row)
     return rows
 
 

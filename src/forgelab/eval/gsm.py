@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from ..components import ComponentError, check_rewards, check_score, load_components
 from ..runs import project_path
 from .answers import extract_answer, is_correct
-from .config import MathConfig, MathDataset
+from .config import MATH_REWARD_COLUMNS, MathConfig, MathDataset
 from .data import gsm8k_solution_turn, load_math, normalize_text, seeded_order, training_texts
 from .prefix import Prefix, batch_inputs, build_prefix, common_prefix_len
 from .runtime import Batcher, LoadedModel, auto_batch_size, empty_cache_fn
@@ -97,6 +98,33 @@ def generate(lm: LoadedModel, prefix: Prefix, suffixes: list[list[int]], max_new
     return res
 
 
+def score_components(conf: MathConfig, items: list[dict], prompts: list[str]) -> dict:
+    """Plug-in metrics (metric(response, gold) per problem) and rewards (TRL-style, over all
+    completions at once) -> {"metrics"|"rewards": {name: {"mean", "n"}}}; each item gets its values."""
+    out: dict = {}
+    completions = [it["response"] for it in items]
+    for kind, specs, key in (("metric", conf.metrics, "math.metrics"), ("reward", conf.rewards, "math.rewards")):
+        provides = MATH_REWARD_COLUMNS if kind == "reward" else ()
+        for name, fn in load_components(kind, specs, key, provides).items():
+            try:
+                if kind == "metric":
+                    vals = [check_score("metric", name, fn(it["response"], it["gold"])) for it in items]
+                else:
+                    vals = check_rewards(name, fn(prompts=prompts, completions=completions,
+                                                  answer=[it["gold"] for it in items],
+                                                  question=[it["question"] for it in items]), len(items))
+            except ComponentError:
+                raise
+            except Exception as e:
+                raise ComponentError(f"{kind} {name!r} ({key}) raised {type(e).__name__}: {e}") from e
+            for it, v in zip(items, vals):
+                it.setdefault(f"{kind}s", {})[name] = v
+            scored = [v for v in vals if v is not None]
+            out.setdefault(f"{kind}s", {})[name] = {"mean": sum(scored) / len(scored) if scored else None,
+                                                    "n": len(scored)}
+    return out
+
+
 def evaluate(lm: LoadedModel, conf: MathConfig, ds: MathDataset, runtime, prepared: dict) -> dict:
     items = []
     for p in prepared["problems"]:
@@ -115,16 +143,19 @@ def evaluate(lm: LoadedModel, conf: MathConfig, ds: MathDataset, runtime, prepar
     with tqdm(total=len(items), desc=f"math {ds.name}", unit="problem") as bar:
         outs = batcher.run([enc[i][p:] for i in order],
                            lambda b: generate(lm, prefix, b, conf.max_new_tokens), bar)
+    prompts = [it["prompt"] for it in items]  # what the model saw, for rewards
     for i, o in zip(order, outs):
         pred = extract_answer(o["text"])
         del items[i]["prompt"]  # the same for every problem but the question: kept once, in the summary
         items[i].update(response=o["text"], pred=pred, correct=is_correct(pred, items[i]["gold"]),
                         prompt_tokens=o["prompt_tokens"], new_tokens=o["new_tokens"], stopped=o["stopped"])
     n = len(items)
+    extra = score_components(conf, items, prompts)  # {} when no metric or reward is configured
     return {"n": n, "correct": sum(it["correct"] for it in items),
             "exact_match": sum(it["correct"] for it in items) / n,
             "no_answer": sum(it["pred"] is None for it in items),
             "hit_max_new_tokens": sum(not it["stopped"] for it in items),
             "mean_prompt_tokens": sum(it["prompt_tokens"] for it in items) / n,
             "mean_new_tokens": sum(it["new_tokens"] for it in items) / n,
+            **extra,
             "batch_size": batcher.batch_size, "example_prompt": example, "records": items}

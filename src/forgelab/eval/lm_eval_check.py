@@ -21,7 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from ..runs import PROJECT_ROOT, atomic_write_text, write_json
+from ..jsonl import iter_jsonl
+from ..report.render import Report
+from ..runs import PROJECT_ROOT, atomic_write_text
 from .data import LETTERS
 from .mmlu import build_prompt
 
@@ -109,8 +111,7 @@ def read_lm_eval(out_dir: Path, tasks: list[str]) -> dict:
         if not sample_files:
             raise FileNotFoundError(f"no lm-eval samples for {t} under {out_dir}")
         samples = {}
-        for line in sample_files[-1].read_text(encoding="utf-8").splitlines():
-            s = json.loads(line)
+        for _, s in iter_jsonl(sample_files[-1]):
             args = s["arguments"]
             pairs = [tuple(a.values()) if isinstance(a, dict) else tuple(a)
                      for a in (args.values() if isinstance(args, dict) else args)]
@@ -207,8 +208,10 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, md_path: Path) -> None:
-    atomic_write_text(md_path, markdown(report))
-    write_json(md_path.with_suffix(".json"), report)
+    """md_path and its JSON twin (the report dict itself)."""
+    rep = Report.at(md_path, data=report)  # markdown() writes its own heading
+    rep.add(markdown(report))
+    rep.write()
 
 
 ALIGNED = [

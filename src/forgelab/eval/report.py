@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, write_json
+from ..report.render import Report
+from ..runs import PROJECT_ROOT, now_iso
 
 
 class ProtocolMismatch(ValueError):
@@ -87,6 +88,11 @@ def rows(view: dict) -> list[dict]:
             out.append({"metric": f"math {ds}, exact match ↑ ({d['scored']} problems, {prot['math']['shots']}-shot CoT)",
                         "key": f"math.{ds}", "fmt": "acc", "n": d["scored"],
                         "values": {n: get(n, "math", ds, "exact_match") for n in names}})
+            for what in ("metrics", "rewards"):  # plug-ins (docs/components.md): mean per model
+                for cname in prot["math"].get(what, {}):
+                    out.append({"metric": f"  math {ds}, {what[:-1]} {cname} (mean over {d['scored']} problems)",
+                                "key": f"math.{ds}.{what}.{cname}", "fmt": "num",
+                                "values": {n: get(n, "math", ds, what, cname, "mean") for n in names}})
     if "mmlu" in prot:
         m = prot["mmlu"]
         for shots in m["shots"]:
@@ -100,7 +106,7 @@ def rows(view: dict) -> list[dict]:
 def _fmt(row: dict, v) -> str:
     if v is None:
         return "-"
-    return f"{v:.3f}" if row["fmt"] == "ppl" else _pct(v, row.get("n"))
+    return f"{v:.3f}" if row["fmt"] in ("ppl", "num") else _pct(v, row.get("n"))
 
 
 def _rel(p: str) -> str:
@@ -178,6 +184,12 @@ def markdown(view: dict) -> str:
                      f"{mp['shots']} exemplars ({d['exemplar_source']}) as user/assistant turns through the "
                      f"model's chat template; greedy, at most {mp['max_new_tokens']} new tokens, stop at the "
                      f"end token; the final number of the answer is extracted and compared exactly.")
+        plug = [f"metric {c} (`{v['path']}`, code {v['sha256']}): mean of metric(response, gold answer)"
+                for c, v in mp.get("metrics", {}).items()]
+        plug += [f"reward {c} (`{v['path']}`, code {v['sha256']}): mean of reward(prompts, completions, "
+                 f"answer=, question=) over the completions it scores" for c, v in mp.get("rewards", {}).items()]
+        if plug:
+            L.append("- Math plug-ins (docs/components.md): " + "; ".join(plug) + ".")
     if "mmlu" in prot:
         mp = prot["mmlu"]
         L.append(f"- MMLU: `{mp['path']}`, {len(mp['subjects'])} subjects, "
@@ -215,8 +227,7 @@ def _strip(results: dict) -> dict:
 
 
 def write(view: dict, md_path: str | Path) -> tuple[Path, Path]:
-    md_path = Path(md_path)
-    json_path = md_path.with_suffix(".json")
-    atomic_write_text(md_path, markdown(view))
-    write_json(json_path, to_json(view))
-    return md_path, json_path
+    """md_path (.md) and its JSON twin beside it; returns both paths."""
+    rep = Report.at(md_path, data=to_json(view))  # markdown() writes its own heading
+    rep.add(markdown(view))
+    return rep.write()

@@ -9,6 +9,7 @@ import random
 import time
 from pathlib import Path
 
+from ..components import component_fingerprints, component_name
 from ..model.tokenizer_info import tokenizer_fingerprint
 from ..runs import atomic_write_text, fingerprint_paths, project_path
 from . import gsm, mmlu
@@ -56,6 +57,11 @@ def prepare(conf: EvalConfig, log) -> dict:
         prep["protocol"]["math"] = {"shots": conf.math.shots, "max_new_tokens": conf.math.max_new_tokens,
                                     "seed": conf.math.seed, "system_prompt": conf.math.system_prompt,
                                     "datasets": {}}
+        for what, specs in (("metrics", conf.math.metrics), ("rewards", conf.math.rewards)):
+            if specs:  # plug-ins: name -> path and the sha256 of the code that computed them
+                digests = component_fingerprints(specs)
+                prep["protocol"]["math"][what] = {component_name(s): {"path": s, "sha256": digests[s]}
+                                                  for s in specs}
         for ds in conf.math.datasets:
             p = gsm.prepare(conf.math, ds)
             prep["math"][ds.name] = p
@@ -113,6 +119,10 @@ def evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log) -> di
                 _jsonl(out_dir / f"{spec.name}.math_{ds.name}.jsonl", r.pop("records"))
                 res["math"][ds.name] = r
                 log.info("%s math %s: %d/%d exact match", spec.name, ds.name, r["correct"], r["n"])
+                for what in ("metrics", "rewards"):
+                    for cname, v in r.get(what, {}).items():
+                        log.info("%s math %s: %s %s mean %s over %d", spec.name, ds.name, what[:-1], cname,
+                                 "-" if v["mean"] is None else f"{v['mean']:.4f}", v["n"])
         elif task == "mmlu":
             res["mmlu"] = {}
             for shots in conf.mmlu.shots:

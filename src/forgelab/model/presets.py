@@ -117,7 +117,7 @@ def build_config(preset: str | Path, vocab_size: int | None = None, **overrides:
 
 def count_params(conf) -> dict:
     """Exact parameter counts of the model a config builds (on the meta device: no memory)."""
-    from ..train.estimator import model_dims
+    from .dims import model_dims
     d = model_dims(conf)
     lm = d.lm_head_params
     return {"total": d.params, "embedding": d.embedding_params, "lm_head": lm,

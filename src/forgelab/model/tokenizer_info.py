@@ -24,3 +24,25 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     if not found:
         raise FileNotFoundError(f"no tokenizer files in {d}")
     return h.hexdigest()[:16]
+
+
+_WITH_TEMPLATE: dict[tuple[str, str, str], str] = {}
+
+
+def tokenizer_fingerprint_with_template(path: str | Path, chat_template: str) -> str:
+    """The fingerprint of the tokenizer at ``path`` saved with ``chat_template`` set: what a
+    model directory holds when training sets the template of its SFT data (recorded in the
+    store's meta.json) on the tokenizer and saves it (``save_pretrained``). Equal to
+    :func:`tokenizer_fingerprint` of that saved directory."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    key = (str(Path(path).resolve()), tokenizer_fingerprint(path), chat_template)
+    if key not in _WITH_TEMPLATE:
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.chat_template = chat_template
+        with tempfile.TemporaryDirectory() as d:
+            tok.save_pretrained(d)
+            _WITH_TEMPLATE[key] = tokenizer_fingerprint(d)
+    return _WITH_TEMPLATE[key]

@@ -7,7 +7,6 @@ digits, punctuation runs, whitespace), mapped to bytes, and merges never cross t
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 from ..config import ConfigError, field
+from ..jsonl import iter_jsonl
 from ..runs import fingerprint_paths, project_path
 from .tokenizer_info import tokenizer_fingerprint
 
@@ -89,20 +89,18 @@ def iter_texts(src: TextSource) -> Iterator[str]:
     from ..data.clean import strip_pos_tags
     path = project_path(src.path)
     fmt = _format(src)
+    if fmt == "jsonl":
+        for i, rec in iter_jsonl(path, error=ConfigError):
+            text = rec.get(src.text_field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}:{i}: no string field {src.text_field!r}")
+            yield text
+        return
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            if fmt == "jsonl":
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{i}: invalid JSON: {e}") from None
-                text = rec.get(src.text_field) if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise ConfigError(f"{path}:{i}: no string field {src.text_field!r}")
-                yield text
-            elif fmt == "pos_tagged":
+            if fmt == "pos_tagged":
                 try:
                     text = strip_pos_tags(line, f"{path}:{i}")
                 except ValueError as e:

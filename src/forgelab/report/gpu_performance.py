@@ -212,12 +212,16 @@ def build_gpu_performance(spec_path: str | Path, root: str | Path | None = None,
 
 
 def reestimate(r: RunRecord) -> dict | None:
-    """The current estimator's prediction for a finished run of a preset shape: its resolved
-    config.yaml with what the run resolved (precision, the estimated sequence length, kernels).
-    None for runs of a model directory (its config is not kept with the run)."""
+    """The current estimator's prediction for a finished run of a preset shape: the shape the run
+    resolved and recorded (estimate.predicted.shape: precision, sequence length, method; kernels
+    from the run's resolved torch_compile / liger_kernel), re-estimated with today's formulas. None for runs of a model directory (its config is not
+    kept with the run). Reads run files only: no training code is imported."""
+    import json
+
+    from ..estimate.estimator import estimate_run
+    from ..estimate.knobs import knobs_from_conf
+    from ..estimate.shape import TrainShape
     from ..model import presets
-    from ..train.estimator import estimate_run
-    from ..train.trainer import estimate_shape
     cfg = r.dir / "config.yaml"
     pred = r.get("estimate.predicted")
     if not cfg.is_file() or not pred:
@@ -226,10 +230,15 @@ def reestimate(r: RunRecord) -> dict | None:
     model = conf.get("model") or {}
     if model.get("path") or not model.get("preset"):
         return None
-    shape = estimate_shape(conf, r.get("precision") or "bf16", int(pred["shape"]["seq_len"]),
-                           bool(r.get("liger_kernel")))
+    ds_path = (conf.get("dist") or {}).get("deepspeed")
+    ds = json.loads(project_path(ds_path).read_text(encoding="utf-8")) if ds_path and \
+        project_path(ds_path).is_file() else None
+    shape = TrainShape.from_record(pred["shape"], ds_config=ds)
+    # records older than the compiled-mode formulas say "eager" for compiled runs: the run's
+    # resolved settings say which kernels ran
+    shape.kernels = "liger" if r.get("liger_kernel") else "compiled" if r.get("torch_compile") else "eager"
     return estimate_run(shape, presets.build_config(model["preset"]), int(pred["steps_detail"]["items"]),
-                        r.world_size)
+                        r.world_size, knobs=knobs_from_conf(conf))
 
 
 def _floor_section(rep: Report, spec: dict, runs: dict[str, RunRecord]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .. import runs as run_files
 from ..runs import project_path, read_json
 
 SUMMARY = "train_summary.json"
@@ -83,18 +84,9 @@ class RunRecord:
         return cmd + " (reconstructed: this run's summary has no command)"
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}:{i}: invalid JSON: {e}") from None
-    return out
+def read_metrics(path: Path, bad_lines: list | None = None) -> list[dict]:
+    """forgelab.runs.read_metrics, raising ReportError for a bad line other than a torn last one."""
+    return run_files.read_metrics(path, bad_lines, error=ReportError)
 
 
 def load_run(d: str | Path) -> RunRecord:
@@ -110,10 +102,12 @@ def load_run(d: str | Path) -> RunRecord:
     config = yaml.safe_load(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
     prof = d / "profile_summary.json"
     rv = d / "resume_validation.json"
-    return RunRecord(name=d.name, dir=d, summary=summary, config=config or {},
-                     metrics=read_metrics(d / "metrics.jsonl"),
+    torn: list = []
+    metrics = read_metrics(d / "metrics.jsonl", torn)
+    return RunRecord(name=d.name, dir=d, summary=summary, config=config or {}, metrics=metrics,
                      profile=read_json(prof) if prof.is_file() else None,
-                     resume_validation=read_json(rv) if rv.is_file() else None)
+                     resume_validation=read_json(rv) if rv.is_file() else None,
+                     extra={"metrics_torn_lines": [str(b) for b in torn]} if torn else {})
 
 
 def discover(root: str | Path = "runs/train", names: list[str] | None = None,

@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonl import BadLine, iter_jsonl
 from ..runs import atomic_write_text
 from .client import Endpoint, RequestError, chat_once
 
@@ -37,29 +38,22 @@ def read_inputs(path: Path) -> list[BatchItem]:
     if not path.exists():
         raise BatchError(f"input file not found: {path}")
     items, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BatchError(f"{where}: invalid JSON: {e}") from None
-            if not isinstance(rec, dict):
-                raise BatchError(f"{where}: expected an object with 'prompt' or 'messages'")
-            rid = str(rec["id"]) if rec.get("id") is not None else f"line-{n}"
-            if rid in seen:
-                raise BatchError(f"{where}: duplicate id {rid!r} (first at line {seen[rid]})")
-            seen[rid] = n
-            if isinstance(rec.get("messages"), list) and rec["messages"]:
-                msgs = rec["messages"]
-            elif isinstance(rec.get("prompt"), str):
-                msgs = [{"role": "user", "content": rec["prompt"]}]
-            else:
-                raise BatchError(f"{where}: needs a string 'prompt' or a non-empty 'messages' list")
-            params = {k: rec[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed") if k in rec}
-            items.append(BatchItem(rid, msgs, params))
+    for n, rec in iter_jsonl(path, error=BatchError):
+        where = f"{path}:{n}"
+        if not isinstance(rec, dict):
+            raise BatchError(f"{where}: expected an object with 'prompt' or 'messages'")
+        rid = str(rec["id"]) if rec.get("id") is not None else f"line-{n}"
+        if rid in seen:
+            raise BatchError(f"{where}: duplicate id {rid!r} (first at line {seen[rid]})")
+        seen[rid] = n
+        if isinstance(rec.get("messages"), list) and rec["messages"]:
+            msgs = rec["messages"]
+        elif isinstance(rec.get("prompt"), str):
+            msgs = [{"role": "user", "content": rec["prompt"]}]
+        else:
+            raise BatchError(f"{where}: needs a string 'prompt' or a non-empty 'messages' list")
+        params = {k: rec[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed") if k in rec}
+        items.append(BatchItem(rid, msgs, params))
     return items
 
 
@@ -74,15 +68,12 @@ def done_ids(path: Path, log=None) -> set[str]:
             if log:
                 log.warning("%s: cutting a torn last line of %d bytes", path, len(data) - end)
             f.truncate(end)
-            data = data[:end]
     ids = set()
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise BatchError(f"{path}:{n}: not an answer line of this tool; refusing to append") from None
+    for n, rec in iter_jsonl(path, bad="keep", error=BatchError):
+        if not isinstance(rec, dict) or "id" not in rec:
+            why = f" ({rec.reason})" if isinstance(rec, BadLine) else ""
+            raise BatchError(f"{path}:{n}: not an answer line of this tool{why}; refusing to append")
+        ids.add(str(rec["id"]))
     return ids
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..jsonl import BadLine, iter_jsonl
 from .bench_config import BenchServingConfig
 from .client import Endpoint, RequestError, chat_body, delta_text, finish_reason, get_json, stream_events
 
@@ -116,10 +117,9 @@ _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 def _records(path: Path):
     """(where, record) from a JSON list (or {"data": [...]}) or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise BenchError(f"{path}: invalid JSON: {e}") from None
         if isinstance(data, dict):
@@ -127,12 +127,8 @@ def _records(path: Path):
         for i, rec in enumerate(data):
             yield f"{path}[{i}]", rec
         return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", e
+    for n, rec in iter_jsonl(path, bad="keep", error=BenchError):  # a bad line stays in place as a BadLine
+        yield f"{path}:{n}", rec
 
 
 def to_messages(rec) -> list[dict] | None:
@@ -171,7 +167,7 @@ def conversation_requests(tok, conf: BenchServingConfig, n: int, rng: np.random.
     first_bad = None
     for j in order:
         where, rec = records[j]
-        msgs = to_messages(rec) if not isinstance(rec, Exception) else None
+        msgs = to_messages(rec) if not isinstance(rec, BadLine) else None
         if msgs is None:
             skipped["not a conversation"] += 1
             first_bad = first_bad or where

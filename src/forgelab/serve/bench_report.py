@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import config as cfg
-from ..runs import PROJECT_ROOT, Run, atomic_write_text, hardware, now_iso, package_versions, \
-    project_path, write_json
+from ..report.render import Report
+from ..runs import PROJECT_ROOT, Run, atomic_write_text, hardware, now_iso, package_versions, project_path
 from .bench import BenchError, RequestResult, result_rows, run_benchmark
 from .bench_config import BenchServingConfig
 from .client import Endpoint, RequestError, get_json
@@ -80,63 +80,69 @@ def load_tokenizer(conf: BenchServingConfig, info: dict):
 
 # ----------------------------------------------------------------------------- plots
 
-def plot(results: list[RequestResult], summary: dict, stem: Path) -> list[str]:
-    """latency CDFs and throughput over time; returns the file names written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plots(results: list[RequestResult], summary: dict) -> dict[str, bytes]:
+    """PNGs by stem: latency CDFs and histograms ("latency"), throughput over time
+    ("throughput"); none without a successful request."""
     ok = [r for r in results if r.ok]
     if not ok:
-        return []
+        return {}
     series = {"TTFT": [r.ttft for r in ok if r.ttft is not None],
               "TPOT": [r.tpot for r in ok if r.tpot is not None],
               "ITL": [g for r in ok for g in r.itl],
               "E2E latency": [r.latency for r in ok if r.latency is not None]}
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
-    for col, (name, vals) in enumerate(series.items()):
-        cdf_ax, hist_ax = axes[0, col], axes[1, col]
-        if vals:
-            v = np.sort(np.asarray(vals) * 1000.0)
-            cdf_ax.plot(v, np.arange(1, v.size + 1) / v.size, drawstyle="steps-post")
-            hist_ax.hist(v, bins=min(40, max(5, v.size // 5)))
-        cdf_ax.set_title(f"{name} (n={len(vals)})")
-        cdf_ax.set_ylabel("CDF")
-        hist_ax.set_ylabel("count")
-        hist_ax.set_xlabel("ms")
-        for ax in (cdf_ax, hist_ax):
-            ax.grid(alpha=0.3)
-    fig.tight_layout()
-    lat = stem.with_name(stem.name + "_latency.png")
-    fig.savefig(lat, dpi=110)
-    plt.close(fig)
 
-    # Tokens over time: each request's output tokens spread over its text chunks.
-    dur = max(summary["duration_s"], 1e-9)
-    bins = np.arange(0, dur + 1.0, 1.0)
-    tok_times, weights = [], []
-    for r in ok:
-        if r.chunk_times:
-            tok_times += r.chunk_times
-            weights += [r.output_tokens / len(r.chunk_times)] * len(r.chunk_times)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    if tok_times:
-        h, edges = np.histogram(tok_times, bins=bins, weights=weights)
-        ax.step(edges[:-1], h / np.diff(edges), where="post", label="output tokens/s")
-    ax2 = ax.twinx()
-    t = np.linspace(0, dur, 200)
-    inflight = [sum(1 for r in results if r.latency is not None and r.start <= x < r.start + r.latency)
-                for x in t]
-    ax2.plot(t, inflight, color="tab:orange", alpha=0.7, label="requests in flight")
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("output tokens/s")
-    ax2.set_ylabel("requests in flight")
-    ax.set_title(f"throughput: {summary['output_throughput']:.1f} output tok/s overall")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    thr = stem.with_name(stem.name + "_throughput.png")
-    fig.savefig(thr, dpi=110)
-    plt.close(fig)
-    return [lat.name, thr.name]
+    def latency(fig) -> None:
+        axes = fig.subplots(2, 4)
+        for col, (name, vals) in enumerate(series.items()):
+            cdf_ax, hist_ax = axes[0, col], axes[1, col]
+            if vals:
+                v = np.sort(np.asarray(vals) * 1000.0)
+                cdf_ax.plot(v, np.arange(1, v.size + 1) / v.size, drawstyle="steps-post")
+                hist_ax.hist(v, bins=min(40, max(5, v.size // 5)))
+            cdf_ax.set_title(f"{name} (n={len(vals)})")
+            cdf_ax.set_ylabel("CDF")
+            hist_ax.set_ylabel("count")
+            hist_ax.set_xlabel("ms")
+            for ax in (cdf_ax, hist_ax):
+                ax.grid(alpha=0.3)
+
+    def throughput(fig) -> None:
+        # Tokens over time: each request's output tokens spread over its text chunks.
+        dur = max(summary["duration_s"], 1e-9)
+        bins = np.arange(0, dur + 1.0, 1.0)
+        tok_times, weights = [], []
+        for r in ok:
+            if r.chunk_times:
+                tok_times += r.chunk_times
+                weights += [r.output_tokens / len(r.chunk_times)] * len(r.chunk_times)
+        ax = fig.add_subplot()
+        if tok_times:
+            h, edges = np.histogram(tok_times, bins=bins, weights=weights)
+            ax.step(edges[:-1], h / np.diff(edges), where="post", label="output tokens/s")
+        ax2 = ax.twinx()
+        t = np.linspace(0, dur, 200)
+        inflight = [sum(1 for r in results if r.latency is not None and r.start <= x < r.start + r.latency)
+                    for x in t]
+        ax2.plot(t, inflight, color="tab:orange", alpha=0.7, label="requests in flight")
+        ax.set_xlabel("seconds since start")
+        ax.set_ylabel("output tokens/s")
+        ax2.set_ylabel("requests in flight")
+        ax.set_title(f"throughput: {summary['output_throughput']:.1f} output tok/s overall")
+        fig.legend(loc="upper right")
+
+    return {"latency": Report.render(latency, (14, 6), axes=False),
+            "throughput": Report.render(throughput, (10, 4), axes=False)}
+
+
+def write_report(report: dict, pngs: dict[str, bytes], out_dir: Path, name: str,
+                 img_prefix: str | None = None) -> Path:
+    """<out_dir>/<name>.md, its JSON twin (the report dict) and the plots beside them
+    (<img_prefix>_<stem>.png, listed under "## Plots"); returns the markdown's path."""
+    rep = Report(name, None, out_dir, img_dir="", img_prefix=img_prefix, data=report)
+    for stem, png in pngs.items():
+        rep.add_image(stem, png, stem, link=False)
+    rep.add(markdown(report, rep.images))  # markdown() writes its own heading
+    return rep.write()[0]
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -274,17 +280,11 @@ def run_and_report(conf: BenchServingConfig, run_name: str | None = None, progre
         d = run.dir
         atomic_write_text(d / "requests.jsonl",
                           "".join(json.dumps(r) + "\n" for r in result_rows(results)))
-        images = plot(results, summary, d / "bench")
-        atomic_write_text(d / "report.md", markdown(report, images))
-        write_json(d / "report.json", report)
-        outputs = [str(d / "report.md")]
+        pngs = plots(results, summary)  # drawn once, written next to each copy of the report
+        outputs = [str(write_report(report, pngs, d, "report", img_prefix="bench"))]
         if conf.report:
-            stem = project_path(conf.report)
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            imgs = plot(results, summary, stem)
-            atomic_write_text(stem.with_suffix(".md"), markdown(report, imgs))
-            write_json(stem.with_suffix(".json"), report)
-            outputs.append(str(stem.with_suffix(".md")))
+            stem = project_path(conf.report).with_suffix("")
+            outputs.append(str(write_report(report, pngs, stem.parent, stem.name)))
         run.summary.update(summary=summary, context=context, outputs=outputs)
         run.log.info("%d/%d ok, %.2f req/s, %.1f output tok/s, TTFT median %s ms -> %s",
                      summary["completed"], summary["requests"], summary["request_throughput"],
@@ -357,9 +357,9 @@ def compare(run_dirs: list[Path], out_stem: Path, force: bool = False) -> str:
         lines.append(f"- {r['context']['server'].get('backend')}: `{r['context']['command']}`; "
                      f"server `{r['context']['server'].get('command', '')}`")
     md = "\n".join(lines) + "\n"
-    out_stem = project_path(out_stem)
-    atomic_write_text(out_stem.with_suffix(".md"), md)
-    write_json(out_stem.with_suffix(".json"), {"protocol": first["protocol"], "differences": diffs,
-                                               "runs": [{"run_dir": r["run_dir"], "context": r["context"],
-                                                         "summary": r["summary"]} for r in reports]})
+    rep = Report.at(out_stem, data={"protocol": first["protocol"], "differences": diffs,
+                                    "runs": [{"run_dir": r["run_dir"], "context": r["context"],
+                                              "summary": r["summary"]} for r in reports]})
+    rep.add(md)
+    rep.write()
     return md

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..runs import read_metrics
 from .flops import mfu
 
 log = logging.getLogger("forgelab.train")
@@ -25,33 +26,14 @@ def memory_now(on_cuda: bool) -> dict:
 
 
 def truncate_metrics(path: Path, last_step: int) -> int:
-    """Keep only lines for steps <= last_step (a resumed run redoes the later ones); returns kept."""
+    """Keep only lines for steps <= last_step (a resumed run redoes the later ones), dropping a
+    line torn by a kill; returns kept."""
     if not path.is_file():
         return 0
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if rec.get("step", math.inf) <= last_step:
-            kept.append(line)
+    kept = [r for r in read_metrics(path) if r.get("step", math.inf) <= last_step]
     from ..runs import atomic_write_text
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(kept)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 class MetricsCallback(TrainerCallback):

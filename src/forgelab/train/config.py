@@ -11,7 +11,6 @@ from typing import Any, Literal, Optional, Union
 
 from ..config import ConfigError, field
 
-TASKS = ("cpt", "pretrain", "sft")
 BACKENDS = ("single", "ddp", "fsdp", "zero2", "zero3_offload")
 
 
@@ -177,15 +176,18 @@ class ResumeCheckSection:
 
 @dataclass
 class TrainConfig:
-    task: Literal["cpt", "pretrain", "sft"] = field("cpt", help="cpt = continue a pretrained model, "
-                                                               "pretrain = from scratch, sft = supervised")
+    task: str = field("cpt", help="the training method (forgelab/train/methods/): cpt = continue a pretrained "
+                                  "model, pretrain = from scratch, sft = supervised (sft.mode lora or full)")
     track: str = field("pipeline", help="track name recorded in the summary (sanity, bench, profile, ...)")
     backend: Literal["single", "ddp", "fsdp", "zero2", "zero3_offload"] = field(
         "single", help="parallel backend (set by configs/train/backends/<backend>.yaml)")
     run_name: Optional[str] = field(None, help="run dir runs/train/<run_name>/ (default <task>-<track>-<backend>)")
+    loss: Optional[str] = field(None, help="a loss of your own, 'module:function' or 'path/file.py:function' "
+                                           "(loss(outputs, labels, num_items_in_batch=None)); null = the "
+                                           "model's causal-LM cross-entropy. docs/components.md")
     seed: int = field(42, help="seed of data order, dropout and init")
     estimate: dict[str, Any] = field({}, help="knobs of the pre-flight memory/step estimate recorded next to "
-                                              "the measurement (forgelab.train.estimator.Knobs names)")
+                                              "the measurement (forgelab.estimate.knobs.Knobs names)")
     model: ModelSection = field(ModelSection, help="what to train")
     data: DataSection = field(DataSection, help="tokenized data")
     sft: SFTSection = field(SFTSection, help="SFT mode")
@@ -202,14 +204,12 @@ class TrainConfig:
     resume_check: ResumeCheckSection = field(ResumeCheckSection, help="resume track: the stop step and tolerance")
 
     def validate(self) -> None:
+        from .methods import method_for, tasks
         m, s = self.model, self.steps
-        if self.task == "pretrain":
-            if not (m.preset or m.config or m.config_file):
-                raise ConfigError("task pretrain needs model.preset, model.config or model.config_file")
-            if not m.tokenizer:
-                raise ConfigError("task pretrain needs model.tokenizer (the tokenizer dir the data was built with)")
-        elif not m.path and not (self.task == "sft" and m.preset):
-            raise ConfigError(f"task {self.task} needs model.path (a pretrained model dir)")
+        if self.task not in tasks():
+            raise ConfigError(f"key 'task': unknown task {self.task!r}; tasks: {', '.join(tasks())}")
+        method = method_for(self)
+        method.validate(self)
         if self.random_init and not m.tokenizer:
             raise ConfigError("a model built from model.preset needs model.tokenizer (the tokenizer dir the data "
                               "was built with)")
@@ -250,13 +250,22 @@ class TrainConfig:
             raise ConfigError("key 'runtime.compile_mode' reduce-overhead (CUDA graphs) cannot run with "
                               "runtime.compile_scope blocks: each layer's replay overwrites the previous layer's "
                               "outputs; use compile_scope model, or another compile_mode")
+        if self.loss:
+            from ..components import load_component
+            load_component("loss", self.loss, "loss")  # a wrong path or signature fails here, before any model
         if self.eval.every_steps and not self.data.eval:
             raise ConfigError("key 'eval.every_steps' is set but data.eval is empty")
 
     @property
+    def method(self):
+        """The training method this config selects (forgelab.train.methods)."""
+        from .methods import method_for
+        return method_for(self)
+
+    @property
     def random_init(self) -> bool:
         """The model is built from a config with random weights (pretrain, or an sft benchmark shape)."""
-        return self.task == "pretrain" or (self.task == "sft" and not self.model.path and bool(self.model.preset))
+        return self.method.random_init(self)
 
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.task}-{self.track}-{self.backend}"

@@ -45,8 +45,10 @@ def detect_kind(path: Path) -> str:
                       "row_offsets.npy); build it with scripts/04_tokenize_cpt.py or scripts/05_tokenize_sft.py")
 
 
-def inspect(path: str | Path, task: str, max_items: int | None = None, what: str = "data.train") -> DataInfo:
-    """Read a data dir's meta.json (no arrays) and check it fits the task; no model is touched."""
+def inspect(path: str | Path, want: str, max_items: int | None = None, what: str = "data.train",
+            task: str | None = None) -> DataInfo:
+    """Read a data dir's meta.json (no arrays) and check it holds the kind of data the method
+    reads (want: "cpt" or "sft"); no model is touched."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"key '{what}': {path} does not exist")
@@ -54,9 +56,9 @@ def inspect(path: str | Path, task: str, max_items: int | None = None, what: str
     if not meta_path.is_file():
         raise ConfigError(f"key '{what}': {meta_path} is missing (an incomplete or foreign dir)")
     kind = detect_kind(path)
-    want = "sft" if task == "sft" else "cpt"
     if kind != want:
-        raise ConfigError(f"key '{what}': {path} holds {kind.upper()} data but task {task} needs {want.upper()} data")
+        raise ConfigError(f"key '{what}': {path} holds {kind.upper()} data but task {task or want} needs "
+                          f"{want.upper()} data")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     n = int(meta["n_blocks"] if kind == "cpt" else meta["n_rows"])
     if n < 1:

@@ -34,6 +34,7 @@ from ..runs import project_path, read_json, runs_dir, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataInfo, inspect
+from .run_dir import RUN_OUTPUTS
 
 # the driver's own lines; inside a run, forgelab.runs.Run sets up logging for the "forgelab" tree
 log = logging.getLogger("forgelab.driver")
@@ -47,9 +48,6 @@ def _driver_logging() -> None:
         log.setLevel(logging.INFO)
         log.propagate = False
 
-# outputs of an earlier training session in a run dir (run.log and config.yaml are kept)
-RUN_OUTPUTS = ("metrics.jsonl", "eval_metrics.jsonl", "tb", "final", "profile", "train_summary.json",
-               "profile_summary.json", "resume_validation.json")
 
 
 # ----------------------------------------------------------------------------- pre-flight
@@ -71,6 +69,7 @@ class Preflight:
     resume: Path | None
     resume_msg: str
     notices: list[str] = dfield(default_factory=list)
+    chat_template: str | None = None  # the SFT store's own template (tokenize_sft chat_template), set on the tokenizer
 
 
 def runs_root() -> Path:
@@ -132,10 +131,11 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
     notices: list[str] = []
     run_name = run_name or conf.resolved_run_name()
     run_dir = runs_root() / run_name
-    train = inspect(project_path(conf.data.train), conf.task, conf.data.max_train_items, "data.train")
+    kind = conf.method.data_kind
+    train = inspect(project_path(conf.data.train), kind, conf.data.max_train_items, "data.train", conf.task)
     ev = None
     if conf.data.eval:
-        ev = inspect(project_path(conf.data.eval), conf.task, conf.eval.max_items, "data.eval")
+        ev = inspect(project_path(conf.data.eval), kind, conf.eval.max_items, "data.eval", conf.task)
         if ev.seq_len != train.seq_len:
             notices.append(f"held-out seq_len {ev.seq_len} differs from train seq_len {train.seq_len}")
 
@@ -147,6 +147,12 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
         tok_fp = tokenizer_fingerprint(tok_dir)
     except FileNotFoundError as e:
         raise cfg.ConfigError(f"key 'model.tokenizer': {e}") from None
+    template = _store_template(train, ev)
+    if template is not None:
+        # the data was tokenized with a template of its own: the run trains (and final/ saves) the
+        # tokenizer with that template, whose fingerprint is what the store recorded
+        from ..model.tokenizer_info import tokenizer_fingerprint_with_template
+        tok_fp = tokenizer_fingerprint_with_template(tok_dir, template)
 
     if conf.random_init:
         model_config, source = _pretrain_config(conf)
@@ -200,7 +206,20 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
                 "--run-name")
     return Preflight(conf=conf, run_name=run_name, run_dir=run_dir, train=train, eval=ev, tokenizer_dir=tok_dir,
                      tokenizer_fp=tok_fp, model_config=model_config, model_source=source, ds_config=ds_config,
-                     nproc=nproc, nnodes=nnodes, resume=resume, resume_msg=resume_msg, notices=notices)
+                     nproc=nproc, nnodes=nnodes, resume=resume, resume_msg=resume_msg, notices=notices,
+                     chat_template=template)
+
+
+def _store_template(train: DataInfo, ev: DataInfo | None) -> str | None:
+    """The chat template an SFT store was tokenized with (its meta.json), if it set its own;
+    train and held-out data must agree on it."""
+    t = train.meta.get("chat_template") or None
+    e = (ev.meta.get("chat_template") or None) if ev is not None else t
+    if ev is not None and (t or {}).get("sha256") != (e or {}).get("sha256"):
+        raise cfg.ConfigError(f"key 'data.eval': {ev.path} was tokenized with another chat template than "
+                              f"{train.path} (sha256 {(e or {}).get('sha256')} vs {(t or {}).get('sha256')}); "
+                              "tokenize both with the same tokenize_sft chat_template")
+    return t["template"] if t else None
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -286,7 +305,7 @@ def _worker_env(pre: Preflight) -> dict:
 
 def run_step(pre: Preflight, step: PlanStep, config_args: list[str], in_process: bool) -> int:
     if in_process:
-        from .trainer import run_session
+        from .session import run_session
         return run_session(pre, step.info)
     args = config_args + [x for o in step.overrides for x in ("--set", o)] + \
         ["--run-name", step.run_name, "--plan-info", json.dumps(step.info)]
@@ -299,7 +318,7 @@ def run_step(pre: Preflight, step: PlanStep, config_args: list[str], in_process:
 
 def validate_resume(full_dir: Path, resumed_dir: Path, conf: TrainConfig) -> dict:
     """Compare the resumed run's loss curve with the uninterrupted one, step by step."""
-    from .callbacks import read_metrics
+    from ..runs import read_metrics
     a = {r["step"]: r for r in read_metrics(full_dir / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(resumed_dir / "metrics.jsonl")}
     summary = read_json(resumed_dir / "train_summary.json") if (resumed_dir / "train_summary.json").is_file() else {}
@@ -387,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     conf = cli.load_config(TrainConfig, args)
     # launched by torchrun / the DeepSpeed launcher (by the driver or by hand): one rank of one run
     if args.worker or "LOCAL_RANK" in os.environ:
-        from .trainer import run_session
+        from .session import run_session
         rank0 = int(os.environ.get("RANK", "0")) == 0
         pre = preflight(conf, check_run_dir=rank0)
         return run_session(pre, json.loads(args.plan_info) if args.plan_info else {})

@@ -1,0 +1,76 @@
+"""The transformers TrainingArguments of a run, built from the lab's config and the resolved
+runtime. Creating them starts the process group (torchrun / DeepSpeed ranks), so this runs
+before the model loads; the DeepSpeed config is the file the backend names, with the one
+change the lab needs (the Trainer's torch AdamW steps ZeRO-offloaded master weights)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .optim import optimizer_name, scheduler_args
+
+
+def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices: list[str]):
+    from transformers import TrainingArguments
+
+    conf = pre.conf
+    rt, op, st = conf.runtime, conf.optim, conf.steps
+    ds = None
+    offload = False
+    if pre.ds_config is not None:
+        ds = json.loads(json.dumps(pre.ds_config))
+        zero = ds.get("zero_optimization", {})
+        offload = "offload_optimizer" in zero or "offload_param" in zero
+        if offload and "optimizer" not in ds:
+            # the Trainer's torch AdamW steps the offloaded fp32 master copy on the host
+            ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    fsdp = conf.backend == "fsdp"
+    fsdp_config = dict(conf.dist.fsdp_config) if fsdp else None
+    if fsdp and not on_cuda:
+        # accelerate wraps FSDP only on accelerators; say so instead of letting it fall back silently
+        notices.append("CPU: accelerate runs FSDP on GPUs only; backend fsdp runs as DDP (gloo) here")
+        fsdp, fsdp_config = False, None
+    sched, sched_kw = scheduler_args(op.scheduler, op.min_lr_ratio)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kw = dict(
+        output_dir=str(pre.run_dir), max_steps=st.max_steps, per_device_train_batch_size=st.micro_batch_size,
+        gradient_accumulation_steps=st.grad_accum, learning_rate=op.lr, lr_scheduler_type=sched,
+        lr_scheduler_kwargs=sched_kw, warmup_steps=op.warmup_steps, weight_decay=op.weight_decay,
+        adam_beta1=op.beta1, adam_beta2=op.beta2, adam_epsilon=op.eps, max_grad_norm=op.max_grad_norm,
+        optim=optimizer_name(op.fused, on_cuda, offload),
+        bf16=precision == "bf16", fp16=precision == "fp16", tf32=(rt.tf32 if on_cuda else None),
+        activation_checkpointing=rt.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if rt.gradient_checkpointing else None,
+        torch_compile=rt.torch_compile and rt.compile_scope == "model", torch_compile_mode=rt.compile_mode,
+        use_liger_kernel=liger, liger_kernel_config=(rt.liger_kernel_config or None) if liger else None,
+        logging_strategy="steps", logging_steps=1, logging_nan_inf_filter=False, report_to="none",
+        disable_tqdm=False, include_num_input_tokens_seen="no", skip_memory_metrics=True,
+        save_strategy="steps" if conf.checkpoint.every_steps else "no",
+        save_steps=conf.checkpoint.every_steps or 500, save_total_limit=None,
+        save_on_each_node=conf.checkpoint.save_on_each_node,
+        eval_strategy="steps" if conf.eval.every_steps else "no", eval_steps=conf.eval.every_steps or None,
+        per_device_eval_batch_size=conf.eval.batch_size, prediction_loss_only=True,
+        seed=conf.seed, dataloader_num_workers=conf.data.num_workers,
+        dataloader_pin_memory=conf.data.pin_memory and on_cuda,
+        dataloader_persistent_workers=conf.data.persistent_workers and conf.data.num_workers > 0,
+        dataloader_prefetch_factor=conf.data.prefetch_factor if conf.data.num_workers > 0 else None,
+        dataloader_drop_last=True, remove_unused_columns=False,
+        use_cpu=not on_cuda, ddp_backend="gloo" if (not on_cuda and world > 1) else None,
+        ddp_find_unused_parameters=conf.dist.find_unused_parameters,
+        ddp_bucket_cap_mb=conf.dist.bucket_cap_mb, ddp_timeout=conf.dist.timeout_s,
+        deepspeed=ds, fsdp=True if fsdp else None, fsdp_config=fsdp_config,
+    )
+    args = TrainingArguments(**kw)
+    _ = args.device  # starts the process group now, before the model loads
+    if on_cuda:
+        # transformers sets TF32 through the new per-backend API only; inductor's matmul autotuning
+        # (max-autotune) reads the legacy global setting, which then refuses the mix. One call sets both.
+        torch.set_float32_matmul_precision("high" if rt.tf32 else "highest")
+    if ds is not None:
+        # ZeRO-3 partitions the model while it loads (zero.Init), which asks DeepSpeed's comm
+        # layer for the world size; on CPU accelerate started plain torch.distributed instead
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    return args

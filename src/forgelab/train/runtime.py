@@ -1,0 +1,147 @@
+"""Runtime resolution: what a requested speed or precision setting becomes on this machine.
+
+Each ``choose_*`` takes the requested value and returns what the run applies, appending a notice
+when the two differ (a CUDA-only setting on a CPU, a missing package), so the run record says
+what ran. ``resolve`` applies the ones known before the model exists; the model-dependent ones
+(SDPA kernel, regional compile, chunked loss) are applied to the built model."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from ..model import base_model
+
+
+@dataclass
+class Runtime:
+    on_cuda: bool
+    precision: str      # bf16 | fp16 | fp32
+    liger: bool
+    compile: bool       # conf.runtime.torch_compile resolved
+
+
+def resolve(conf, notices: list[str]) -> Runtime:
+    on_cuda = torch.cuda.is_available()
+    if conf.runtime.threads:
+        torch.set_num_threads(conf.runtime.threads)
+    precision = choose_precision(conf.runtime.precision, on_cuda, notices)
+    liger = choose_liger(conf.runtime.liger_kernel, on_cuda, notices)
+    compiled = choose_compile(conf.runtime.torch_compile, on_cuda, notices)
+    conf.runtime.torch_compile = compiled  # resolved, so the recorded config says what ran
+    return Runtime(on_cuda=on_cuda, precision=precision, liger=liger, compile=compiled)
+
+
+def choose_precision(want: str, on_cuda: bool, notices: list[str]) -> str:
+    if want == "auto":
+        if on_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        notices.append("CPU: training in fp32 (precision auto; bf16/fp16 are GPU settings)")
+        return "fp32"
+    if want == "fp16" and not on_cuda:
+        notices.append("CPU: fp16 mixed precision needs CUDA; training in fp32")
+        return "fp32"
+    if want == "bf16" and not on_cuda:
+        notices.append("CPU: bf16 autocast on CPU (slow on most CPUs; GPUs are where bf16 pays)")
+    return want
+
+
+def choose_attn(want: str, on_cuda: bool, notices: list[str]) -> str:
+    if want == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+        if not on_cuda or not is_torch_flex_attn_available():
+            # PyTorch's CPU flex attention has no backward pass
+            notices.append("flex_attention trains on CUDA only (torch has no CPU backward for it); using sdpa, "
+                           "which builds the same block-diagonal mask from the position ids")
+            return "sdpa"
+    if want.startswith("flash_attention"):
+        pkg = "flash_attn_interface" if want == "flash_attention_3" else "flash_attn"
+        if not on_cuda or importlib.util.find_spec(pkg) is None:
+            notices.append(f"{want} needs CUDA and the {pkg} package; using sdpa")
+            return "sdpa"
+    return want
+
+
+def choose_compile(want, on_cuda: bool, notices: list[str]) -> bool:
+    if want == "cuda" and not on_cuda:
+        notices.append("runtime.torch_compile is 'cuda': CPU runs eager (compiling pays off on GPUs)")
+        return False
+    return bool(want)
+
+
+def choose_loss_chunk(conf, model, world: int, notices: list[str]) -> int:
+    n = conf.runtime.loss_chunk_tokens
+    if not n:
+        return 0
+    base = base_model(model)
+    head = getattr(base, "lm_head", None)
+    why = None
+    if conf.loss:
+        why = "a loss component (key loss) replaces the model's loss"
+    elif world > 1:
+        why = "it runs the decoder outside the DDP/DeepSpeed wrapper, so it needs one rank"
+    elif conf.runtime.torch_compile and conf.runtime.compile_scope == "model":
+        why = "the whole-model compile wraps the forward it bypasses; use runtime.compile_scope=blocks"
+    elif head is None or getattr(head, "bias", None) is not None or not hasattr(base, "model") or \
+            getattr(base.config, "final_logit_softcapping", None):
+        why = "the model has no plain bias-free lm_head over base.model"
+    if why:
+        notices.append(f"runtime.loss_chunk_tokens is off: {why}")
+        return 0
+    return n
+
+
+def choose_liger(want: bool, on_cuda: bool, notices: list[str]) -> bool:
+    if want and not on_cuda:
+        notices.append("Liger kernels need CUDA (Triton); running without them")
+        return False
+    if want and importlib.util.find_spec("liger_kernel") is None:
+        notices.append("runtime.liger_kernel is on but liger-kernel is not installed; running without it")
+        return False
+    return want
+
+
+def apply_sdpa_backend(want: str, on_cuda: bool, notices: list[str]) -> str:
+    """Pin PyTorch's SDPA kernel choice (process-wide flags, read when a graph is traced).
+    cudnn and flash keep the memory-efficient kernel (flash) or math (cudnn) as the fallback
+    for what they cannot run, such as the dense masks of packed rows under sdpa."""
+    if want == "auto":
+        return want
+    if not on_cuda:
+        notices.append(f"runtime.sdpa_backend {want} is a CUDA setting; CPU uses PyTorch's own choice")
+        return "auto"
+    b = torch.backends.cuda
+    on = {"flash": ("flash", "efficient", "math"), "cudnn": ("cudnn", "math"),
+          "efficient": ("efficient", "math"), "math": ("math",)}[want]
+    b.enable_flash_sdp("flash" in on)
+    b.enable_cudnn_sdp("cudnn" in on)
+    b.enable_mem_efficient_sdp("efficient" in on)
+    b.enable_math_sdp(True)
+    return want
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList | None:
+    """The decoder's layer list (through a peft wrapper too): the ModuleList as long as the
+    config's num_hidden_layers."""
+    base = base_model(model)
+    n = getattr(base.config.get_text_config(), "num_hidden_layers", None)
+    for m in base.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return m
+    return None
+
+
+def compile_blocks(model, mode: str | None, notices: list[str]) -> int:
+    """Regional compilation: each decoder block (all share one graph, so it compiles once) and
+    the loss (fuses the logits' upcast, log-softmax and gather)."""
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        notices.append("runtime.compile_scope blocks: no decoder layer list found; compiling the whole model")
+        model.compile(mode=mode)
+        return 0
+    for b in blocks:
+        b.compile(mode=mode)
+    base = base_model(model)
+    base.loss_function = torch.compile(base.loss_function, mode=mode)
+    return len(blocks)
