@@ -78,11 +78,36 @@ def test_skip_counts_every_bad_line(tmp_path):
     assert len(list(iter_jsonl(p, bad="skip", bad_lines=collected))) == 3 and collected == r.bad
 
 
-@pytest.mark.parametrize("bad", ["raise", "torn_tail", "skip", "keep"])
-def test_a_line_that_is_not_utf8_raises_under_every_policy(tmp_path, bad):
-    p = write(tmp_path, b'{"a": 1}\n\xff\xfe\n{"a": 2}\n')
-    with pytest.raises(JsonlError, match=rf"{p}:2: not UTF-8 \(invalid start byte at byte 0\)"):
+# line 2, byte column 14: \xc3 lacks its continuation byte
+NOT_UTF8 = b'{"a": 1}\n{"text": "caf\xc3(", "n": 2}\n{"a": 3}\n'
+
+
+@pytest.mark.parametrize("bad", ["raise", "torn_tail"])
+def test_a_line_that_is_not_utf8_raises_with_line_and_byte_column(tmp_path, bad):
+    p = write(tmp_path, NOT_UTF8)
+    with pytest.raises(JsonlError, match=rf"^{p}:2: not UTF-8 \(invalid continuation byte at column 14\)$"):
         list(iter_jsonl(p, bad=bad))
+    first = write(tmp_path, b'{"a": 1}\n\xff\xfe\n{"a": 2}\n', "first.jsonl")
+    with pytest.raises(JsonlError, match=rf"{first}:2: not UTF-8 \(invalid start byte at column 1\)"):
+        list(iter_jsonl(first, bad=bad))
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_line_under_skip_and_keep(tmp_path):
+    p = write(tmp_path, NOT_UTF8)
+    r = read_jsonl(p, bad="skip")
+    assert r.records == [{"a": 1}, {"a": 3}]
+    (b,) = r.bad
+    assert (b.lineno, b.kind, b.torn) == (2, "utf8", False)
+    assert str(b) == f"{p}:2: not UTF-8 (invalid continuation byte at column 14)"
+    assert b.detail == "invalid continuation byte at column 14"
+    got = list(iter_jsonl(p, bad="keep"))
+    assert [n for n, _ in got] == [1, 2, 3] and got[1][1] == b and got[2][1] == {"a": 3}
+    # a JSON error and an undecodable byte in one file: both counted, in file order
+    mixed = write(tmp_path, NOT_UTF8 + b'{"a": \n\xe6\x97\n{"a": 4}\n', "mixed.jsonl")
+    r = read_jsonl(mixed, bad="skip")
+    assert r.records == [{"a": 1}, {"a": 3}, {"a": 4}]
+    assert [(x.lineno, x.kind) for x in r.bad] == [(2, "utf8"), (4, "json"), (5, "utf8")]
+    assert r.bad[2].reason == "not UTF-8 (invalid continuation byte at column 1)"
 
 
 def test_keep_yields_bad_lines_in_place(tmp_path):

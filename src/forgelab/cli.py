@@ -60,6 +60,9 @@ def run_main(fn: Callable[[], int | None]) -> None:
     except cfg.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except cfg.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config problem, with the key and the file it came from in the message."""
 
 
+class RunError(RuntimeError):
+    """A run that stopped for a reason its message says in full (a full disk, a busy run dir):
+    the scripts print it as one line instead of a traceback."""
+
+
 def field(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:  # noqa: A002
     """dataclasses.field with a one-line meaning shown by ``scripts/config.py keys``."""
     if isinstance(default, (list, dict)):

@@ -2,12 +2,19 @@
 
 A JSONL file is read line by line (bytes, split at "\n" only and decoded per line, so every
 error names its line). Blank (whitespace-only) lines are skipped under every policy. A line
-is *bad* when it is not valid JSON. What happens to a bad line is the caller's
+is *bad* when it is not valid UTF-8 or not valid JSON; its reason names the column:
+
+* ``invalid JSON (<msg>, column <c>)``: ``c`` is the 1-based character column of the JSON error;
+* ``not UTF-8 (<reason> at column <c>)``: ``c`` is the 1-based *byte* column, within the line,
+  of the first undecodable byte (e.g. ``not UTF-8 (invalid continuation byte at column 12)``).
+
+Both kinds are treated alike under every policy. What happens to a bad line is the caller's
 choice, ``bad=``:
 
 ``"raise"``
-    Every bad line raises ``error(f"{file}:{line}: invalid JSON (<msg>, column <c>)")``
-    (``error`` defaults to :class:`JsonlError`; callers pass their own exception class).
+    Every bad line raises ``error(f"{file}:{line}: <reason>")``, e.g.
+    ``m.jsonl:3: invalid JSON (Expecting value, column 1)`` (``error`` defaults to
+    :class:`JsonlError`; callers pass their own exception class).
 ``"torn_tail"``
     For append-only files written one ``"...\\n"`` line at a time (metrics.jsonl, batch
     answers): a kill mid-append can leave only the *last* line cut, and such a line has no
@@ -19,16 +26,17 @@ choice, ``bad=``:
     Bad lines are yielded in place as :class:`BadLine` objects (keeps positions and lets the
     caller turn them into its own bad-record type).
 
-A line that is not UTF-8 means the file is not JSONL text: it raises under every policy, except
-as a torn last line (a kill can cut a multibyte character) where "torn_tail", "skip" and "keep"
-treat it like any torn line.
+One undecodable byte therefore costs one line, never the file: under "skip" and "keep" the
+file's other records are read as usual (a kill mid-append can also cut a multibyte character,
+which "torn_tail" skips as a torn last line).
 
 "Recorded" means appended to the ``bad_lines`` list given to :func:`iter_jsonl`, or to
 ``JsonlRead.bad`` from :func:`read_jsonl`. Each :class:`BadLine` prints as
 ``file:line: reason``.
 
-Loops that read other formats in the same pass (plain text, POS-tagged lines) parse a JSONL
-line with :func:`loads_line`, which raises :class:`BadJson` carrying the same reason text.
+Loops that read other formats in the same pass (plain text, POS-tagged lines) decode a line
+with :func:`decode_line` and parse a JSONL line with :func:`loads_line`; both raise
+:class:`BadJson` carrying the same reason text.
 
 Standard library only: importable from any stage without heavy imports.
 """
@@ -48,7 +56,8 @@ class JsonlError(ValueError):
 
 class BadJson(ValueError):
     """One line that is not UTF-8 or not JSON. ``reason`` is the text used in messages:
-    'invalid JSON (<msg>, column <c>)' or 'not UTF-8 (<reason> at byte <b>)'."""
+    'invalid JSON (<msg>, column <c>)' or 'not UTF-8 (<reason> at column <c>)' (byte column);
+    ``kind`` is "json" or "utf8"."""
 
     def __init__(self, reason: str, msg: str, column: int | None = None, kind: str = "json"):
         super().__init__(reason)
@@ -68,6 +77,7 @@ class BadLine:
     reason: str
     detail: str
     torn: bool = False  # the unterminated last line of the file
+    kind: str = "json"  # "json" (invalid JSON) or "utf8" (an undecodable byte)
 
     @property
     def where(self) -> str:
@@ -84,14 +94,20 @@ class JsonlRead:
     bad: list[BadLine] = field(default_factory=list)
 
 
+def decode_line(raw: bytes) -> str:
+    """One line of a file as text; raises :class:`BadJson` (kind "utf8") naming the 1-based
+    byte column of the first undecodable byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadJson(f"not UTF-8 ({e.reason} at column {e.start + 1})", e.reason, e.start + 1,
+                      kind="utf8") from None
+
+
 def loads_line(line: str | bytes) -> Any:
     """The JSON value of one line; raises :class:`BadJson`."""
     if isinstance(line, bytes):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            msg = f"not UTF-8 ({e.reason} at byte {e.start})"
-            raise BadJson(msg, msg, kind="utf8") from None
+        line = decode_line(line)
     try:
         return json.loads(line.rstrip("\r\n"))  # columns count within the line, not past its end
     except json.JSONDecodeError as e:
@@ -112,9 +128,9 @@ def iter_jsonl(path: str | Path, *, bad: str = "raise", error: type[Exception] =
                 yield n, loads_line(raw)
             except BadJson as e:
                 torn = not raw.endswith(b"\n")  # only the last line of a file can lack it
-                if bad == "raise" or (bad == "torn_tail" or e.kind == "utf8") and not torn:
+                if bad == "raise" or bad == "torn_tail" and not torn:
                     raise error(f"{path}:{n}: {e.reason}") from None
-                line = BadLine(str(path), n, e.reason, e.detail, torn)
+                line = BadLine(str(path), n, e.reason, e.detail, torn, e.kind)
                 if bad == "keep":
                     yield n, line
                 elif bad_lines is not None:

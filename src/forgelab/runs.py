@@ -49,11 +49,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves no temp file behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -193,6 +196,7 @@ class Run:
         self.log = logging.getLogger(f"forgelab.{stage}")
         self._t0 = 0.0
         self._handlers: list[logging.Handler] = []
+        self.outcome: str | None = None  # set by a stage that ended early without an error ("interrupted")
 
     @property
     def is_main(self) -> bool:
@@ -235,19 +239,24 @@ class Run:
         write_json(self.summary_path, body)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        outcome = "ok" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "failed")
+        outcome = (self.outcome or "ok") if exc_type is None else \
+            ("interrupted" if exc_type is KeyboardInterrupt else "failed")
         err = None if exc is None else f"{exc_type.__name__}: {exc}"
         try:
             if self.is_main:
-                self.write_summary(outcome, err)
-                rel = os.path.relpath(self.summary_path, PROJECT_ROOT)
-                _append(self.logs_root / "operation_log.md",
-                        "# Operation log\n\n| time | stage | run | outcome | summary |\n|---|---|---|---|---|\n",
-                        f"| {now_iso()} | {self.stage} | {self.run_name} | {outcome} | {rel} |\n")
+                try:
+                    self.write_summary(outcome, err)
+                    rel = os.path.relpath(self.summary_path, PROJECT_ROOT)
+                    _append(self.logs_root / "operation_log.md",
+                            "# Operation log\n\n| time | stage | run | outcome | summary |\n|---|---|---|---|---|\n",
+                            f"| {now_iso()} | {self.stage} | {self.run_name} | {outcome} | {rel} |\n")
+                    if exc_type is not None:
+                        detail = "".join(traceback.format_exception(exc_type, exc, tb)[-3:]).strip()
+                        _append(self.logs_root / "error_log.md", "# Error log\n\n",
+                                f"## {now_iso()} {self.stage}/{self.run_name}\n\n{err}\n\n```\n{detail}\n```\n\n")
+                except OSError as e:  # a full disk must not hide the run's own error
+                    self.log.error("could not write the run record (%s: %s)", type(e).__name__, e)
                 if exc_type is not None:
-                    detail = "".join(traceback.format_exception(exc_type, exc, tb)[-3:]).strip()
-                    _append(self.logs_root / "error_log.md", "# Error log\n\n",
-                            f"## {now_iso()} {self.stage}/{self.run_name}\n\n{err}\n\n```\n{detail}\n```\n\n")
                     self.log.error("%s", err)
         finally:
             root = logging.getLogger("forgelab")

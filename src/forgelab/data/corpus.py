@@ -151,7 +151,7 @@ def _records(src: SourceConfig, path: Path, on_bad: str, counts: Counter, log) -
     """(line number, text, group key, record) per input record; blank text lines yield text ''."""
     from tqdm import tqdm
 
-    from ..jsonl import BadJson, loads_line
+    from ..jsonl import BadJson, decode_line, loads_line
     size = path.stat().st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"read {src.name}",
                                       file=sys.stderr, leave=False) as bar:
@@ -159,9 +159,9 @@ def _records(src: SourceConfig, path: Path, on_bad: str, counts: Counter, log) -
             bar.update(len(raw))
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                _bad(src, where, f"not UTF-8 ({e.reason} at byte {e.start})", on_bad, counts, log)
+                line = decode_line(raw)
+            except BadJson as e:  # reason: "not UTF-8 (<reason> at column <byte column>)"
+                _bad(src, where, e.reason, on_bad, counts, log)
                 continue
             if src.format == "text":
                 yield lineno, line.rstrip("\n"), (), {}

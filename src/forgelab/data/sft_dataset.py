@@ -4,7 +4,9 @@ messages schema in ``<out_dir>/train.jsonl`` and ``val.jsonl``.
 Every record gets a stable id (a hash of its messages), so the train/val split (by a hash of
 the id) and ``name#N`` sampling (the N smallest hashes of the id) do not depend on file order,
 and adding data never moves existing records between splits. Bad records are reported with
-file:line and reason, counted per reason and written to ``bad_records.jsonl`` in the run dir.
+file:line and reason, counted per reason and written to ``bad_records.jsonl`` in the run dir;
+a line with bytes that are not UTF-8 is one such record (``not_utf8``, with its byte column),
+never a reason to drop the file. ``strict`` stops at the first bad record of any kind.
 """
 from __future__ import annotations
 
@@ -214,8 +216,6 @@ def _read_source(name: str, src: SFTSource, conf: SFTDataConfig, run, bad_out: l
             rows.append(row)
     except SFTFileError as e:
         raise SFTDataError(str(e)) from None
-    except UnicodeDecodeError as e:
-        raise SFTDataError(f"{src.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     stats["converted"] = len(rows)
     if pre:
         stats["dropped_by_preprocessor"] = {p: by_pre[p] for p in pre}

@@ -3,6 +3,9 @@
 Readers yield ``(line, record)`` pairs: for JSON Lines the line number, for a JSON array the
 line where the element starts, for Parquet the 1-based row number. Converters turn one
 record into ``(messages, tools)`` or raise :class:`BadRecord` with a reason code and detail.
+A record holding bytes that are not UTF-8 is read as ``BadRecord("not_utf8", "<reason> at
+column <c>")`` (the 1-based byte column within its line; in a JSON array "<reason> at line <l>,
+column <c>"), so it costs that record only.
 
 The schema: a list of ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``,
 at most one system message (first), then user first, assistant last, roles alternating
@@ -12,6 +15,7 @@ row only in the ``messages`` format). Contents are stripped and must not be empt
 from __future__ import annotations
 
 import json
+import re
 import string
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +24,7 @@ ROLES = ("system", "user", "assistant", "tool")
 
 # Reason codes, in the order the summary lists them.
 REASONS = ("bad_json", "not_an_object", "missing_field", "bad_type", "empty_conversation",
-           "role_order", "empty_content", "unknown_role")
+           "role_order", "empty_content", "unknown_role", "not_utf8")
 
 # format -> the fields a source's `columns` may rename (format field -> name in the file).
 FORMAT_FIELDS = {
@@ -59,11 +63,13 @@ def file_kind(path: Path) -> str:
     if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
     if name.endswith(".json"):
-        # Many ".json" dumps are really JSON Lines: decide by the first character.
-        with open(path, encoding="utf-8") as f:
-            while ch := f.read(1):
-                if not ch.isspace():
-                    return "json" if ch == "[" else "jsonl"
+        # Many ".json" dumps are really JSON Lines: decide by the first character (read as
+        # bytes, so an undecodable byte further on is that record's problem, not the file's).
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 16):
+                head = chunk.lstrip()
+                if head:
+                    return "json" if head[:1] == b"[" else "jsonl"
         return "json"
     raise SFTFileError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
 
@@ -73,8 +79,10 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     kind = file_kind(path)
     if kind == "jsonl":
         from ..jsonl import BadLine, iter_jsonl
-        for n, rec in iter_jsonl(path, bad="keep", error=SFTFileError):  # not UTF-8: SFTFileError
-            yield n, BadRecord("bad_json", rec.detail) if isinstance(rec, BadLine) else rec
+        for n, rec in iter_jsonl(path, bad="keep", error=SFTFileError):
+            if isinstance(rec, BadLine):
+                rec = BadRecord("not_utf8" if rec.kind == "utf8" else "bad_json", rec.detail)
+            yield n, rec
     elif kind == "json":
         yield from _iter_json_array(path)
     else:
@@ -88,8 +96,9 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
-    """Decode a JSON array element by element so each record keeps the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    """Decode a JSON array element by element so each record keeps the line it starts on. An
+    element with undecodable bytes (inside its strings) is a ``not_utf8`` bad record."""
+    text = path.read_bytes().decode("utf-8", "surrogateescape")  # bad bytes -> U+DC80..U+DCFF
     dec = json.JSONDecoder()
     ws = " \t\r\n"
 
@@ -116,7 +125,8 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
             obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise fail(e.pos, e.msg) from None
-        yield line, obj
+        m = _ESCAPED.search(text, i, end)
+        yield line, obj if m is None else _not_utf8(text, line + text.count("\n", i, m.start()), m.start())
         i = skip(end)
         if i < len(text) and text[i] == ",":
             i = skip(i + 1)
@@ -126,6 +136,22 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
                 raise fail(i + 1, "extra data after the array")
             return
         raise fail(i, "expected ',' or ']'")
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")  # an undecodable byte, as surrogateescape reads it
+
+
+def _not_utf8(text: str, line: int, pos: int) -> BadRecord:
+    """The bad record of an undecodable byte at ``pos`` (on ``line``) of a surrogateescape text."""
+    start = text.rfind("\n", 0, pos) + 1
+    col = len(text[start:pos].encode("utf-8", "surrogateescape")) + 1
+    end = text.find("\n", pos)
+    try:
+        text[pos:end if end >= 0 else len(text)].encode("utf-8", "surrogateescape").decode("utf-8")
+        why = "invalid byte"
+    except UnicodeDecodeError as e:
+        why = e.reason
+    return BadRecord("not_utf8", f"{why} at line {line}, column {col}")
 
 
 # ----------------------------------------------------------------------------- converters

@@ -249,7 +249,7 @@ def tokenize_split(conf: TokenizeSFTConfig, tokenizer, src: Path, dst: Path, log
     samples: list[tuple[list[int], list[int]]] = []
     status = Counter()
     tools_ignored = 0
-    with open(src, encoding="utf-8") as f:
+    with open(src, "rb") as f:  # bytes: an undecodable line is read_conversations' file:line error
         lines = sum(1 for _ in f)
     for n, rec in tqdm(read_conversations(src), total=lines, desc=f"tokenize {src.stem}",
                        unit="conv", mininterval=2.0):

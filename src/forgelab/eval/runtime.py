@@ -64,6 +64,8 @@ def load_model(name: str, path: str, runtime: RuntimeConfig) -> LoadedModel:
     p = project_path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model '{name}': no Hugging Face model at {p} (models[].path)")
+    from ..manifest import require_intact
+    require_intact(p, f"model '{name}':")  # a training run's final/ carries a manifest
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     device, dtype = resolve_device(runtime)

@@ -5,6 +5,9 @@ state). Here every save goes into ``.staging-checkpoint-N/`` first and is rename
 ``checkpoint-N`` only once all ranks finished writing, so a visible ``checkpoint-N`` is always
 complete. A staging dir left by a killed save is never resumed from and is removed at the
 next start.
+
+Before the rename, the save's files are recorded in a manifest (forgelab.manifest: sizes and
+sha256); resuming verifies it, and ``auto`` falls back to the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
@@ -13,12 +16,51 @@ import re
 import shutil
 from pathlib import Path
 
-from ..config import ConfigError
+from .. import manifest
+from ..config import ConfigError, RunError
 
 PREFIX = "checkpoint-"
 STAGING = ".staging-"
 _RE = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "trainer_state.json"  # written last by the Trainer
+VERIFIED_ENV = "FORGELAB_VERIFIED_CHECKPOINT"  # set by the driver: its workers need not hash it again
+
+
+class CheckpointError(RunError):
+    """A save that could not complete (disk full, I/O error); the message says what is intact."""
+
+
+def save_failure(target: Path, e: BaseException) -> str:
+    """One sentence for a save that failed: why, the free space, and what is still intact.
+    Called before the unfinished save is removed, so the free space is the failure's own (torch's
+    writer reports a full disk as 'unexpected pos', without ENOSPC)."""
+    import errno
+    run_dir = target.parent
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    try:
+        free_b = shutil.disk_usage(run_dir).free
+        free = f"{free_b / 2**20:,.0f} MiB free on {run_dir}"
+    except OSError:
+        free_b, free = None, f"free space of {run_dir} unknown"
+    full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left" in str(e) \
+        or (free_b is not None and free_b < 16 * 2**20)
+    why = "the disk is full (no space left on device)" if full else f"{type(e).__name__}: {str(e)[:300]}"
+    intact = [p.name for _, p in complete_checkpoints(run_dir)]
+    return (f"{target.name} could not be saved: {why} ({free}); the unfinished save was removed, "
+            + (f"{', '.join(intact)} intact" if intact else "no earlier checkpoint exists"))
+
+
+def check(path: Path) -> tuple[bool, str]:
+    """(usable, why): a checkpoint is usable when it matches its manifest or has none (saved
+    before manifests existed: said so)."""
+    if os.environ.get(VERIFIED_ENV) == str(path):
+        return True, "verified by the launching process"
+    status, problems = manifest.verify(path)
+    if status == "bad":
+        return False, "; ".join(problems)
+    return True, "verified against its manifest" if status == "ok" else f"no {manifest.NAME}, not verified"
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -102,21 +144,32 @@ def step_of(path: str | Path) -> int | None:
 def resolve_resume(resume: str, run_dir: Path, project_path) -> tuple[Path | None, str]:
     """Turn checkpoint.resume into a checkpoint path (or None) and a sentence for the log.
 
-    'none' -> fresh start; 'auto' -> latest complete checkpoint of this run if any; a path ->
-    that checkpoint, or the latest complete one inside it when it is a run dir.
+    'none' -> fresh start; 'auto' -> the newest complete checkpoint of this run that verifies
+    (corrupt ones are skipped and named); a path -> that checkpoint, or the newest complete one
+    inside it when it is a run dir, which must verify.
     """
     if resume in ("none", "", "false", "no"):
         return None, "fresh start (checkpoint.resume = none)"
     if resume == "auto":
-        ck = latest(run_dir)
-        if ck is None:
-            return None, f"fresh start: checkpoint.resume = auto found no complete checkpoint in {run_dir}"
-        return ck, f"resuming from {ck} (checkpoint.resume = auto: latest complete checkpoint)"
+        skipped = []
+        for _, ck in reversed(complete_checkpoints(run_dir)):
+            ok, why = check(ck)
+            if ok:
+                return ck, (f"resuming from {ck} (checkpoint.resume = auto: latest complete checkpoint, {why})"
+                            + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+            skipped.append(f"{ck.name} ({why})")
+        if skipped:
+            raise ConfigError(f"key 'checkpoint.resume': auto found no checkpoint in {run_dir} that matches its "
+                              f"manifest: {'; '.join(skipped)}; start over with checkpoint.resume=none and "
+                              "checkpoint.overwrite=true, or point checkpoint.resume at a good copy")
+        return None, f"fresh start: checkpoint.resume = auto found no complete checkpoint in {run_dir}"
     p = project_path(resume)
-    if (p / MARKER).is_file():
-        return p, f"resuming from {p} (checkpoint.resume = path)"
-    ck = latest(p)
-    if ck is not None:
-        return ck, f"resuming from {ck} (latest complete checkpoint in {p})"
-    raise ConfigError(f"key 'checkpoint.resume': {p} is neither a complete checkpoint (no {MARKER}) nor a run "
-                      "dir holding one")
+    ck = p if (p / MARKER).is_file() else latest(p)
+    if ck is None:
+        raise ConfigError(f"key 'checkpoint.resume': {p} is neither a complete checkpoint (no {MARKER}) nor a "
+                          "run dir holding one")
+    ok, why = check(ck)
+    if not ok:
+        raise ConfigError(f"key 'checkpoint.resume': {ck} does not match its manifest: {why}")
+    where = "checkpoint.resume = path" if ck == p else f"latest complete checkpoint in {p}"
+    return ck, f"resuming from {ck} ({where}, {why})"

@@ -131,6 +131,12 @@ class CheckpointSection:
                                         "(otherwise refuse)")
     save_final: bool = field(True, help="write the final model (or LoRA adapter) to <run dir>/final/")
     save_on_each_node: bool = field(False, help="multi-node without a shared filesystem: save on every node")
+    manifest: Literal["sha256", "size"] = field("sha256", help="what a checkpoint's manifest records of each file: "
+                                                               "sha256 (catches bit flips) or size only (fast)")
+    disk_check: bool = field(True, help="before training: refuse when one checkpoint does not fit the free space, "
+                                        "warn when keep_last + 1 checkpoints and the final model do not")
+    grace_s: float = field(120.0, help="on SIGTERM/SIGINT: seconds to finish the step and save a checkpoint before "
+                                       "exiting anyway (under torchrun its own 30 s limit applies too)")
 
 
 @dataclass

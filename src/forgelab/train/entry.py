@@ -19,6 +19,7 @@ dist.hostfile for DeepSpeed's launcher. Env NPROC overrides dist.nproc_per_node.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from .. import cli
 from .. import config as cfg
+from ..runlock import RunLock
 from ..runs import project_path, read_json, runs_dir, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -300,6 +302,8 @@ def _worker_env(pre: Preflight) -> dict:
         env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["FORGELAB_DRIVER"] = "1"
+    if pre.resume is not None:
+        env[ckpt.VERIFIED_ENV] = str(pre.resume)  # checked against its manifest here already
     return env
 
 
@@ -311,7 +315,12 @@ def run_step(pre: Preflight, step: PlanStep, config_args: list[str], in_process:
         ["--run-name", step.run_name, "--plan-info", json.dumps(step.info)]
     cmd = launch_command(pre, args)
     log.info("launch: %s", shlex.join(cmd))
-    return subprocess.run(cmd, env=_worker_env(pre), cwd=str(project_path("."))).returncode
+    from .graceful import forward_signals
+    proc = subprocess.Popen(cmd, env=_worker_env(pre), cwd=str(project_path(".")))
+    with forward_signals(proc):  # SIGTERM/SIGINT reach the ranks, which save and stop (graceful.py)
+        rc = proc.wait()
+    sig = getattr(proc, "forwarded_signal", None)
+    return 128 + sig if sig and rc != 0 else rc
 
 
 # ----------------------------------------------------------------------------- finishing a plan
@@ -408,13 +417,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker or "LOCAL_RANK" in os.environ:
         from .session import run_session
         rank0 = int(os.environ.get("RANK", "0")) == 0
-        pre = preflight(conf, check_run_dir=rank0)
-        return run_session(pre, json.loads(args.plan_info) if args.plan_info else {})
+        # ranks started by hand (torchrun without the driver): rank 0 locks the run dir
+        with RunLock(runs_root() / conf.resolved_run_name(), os.environ.get("FORGELAB_COMMAND")) if rank0 \
+                else contextlib.nullcontext():
+            pre = preflight(conf, check_run_dir=rank0)
+            return run_session(pre, json.loads(args.plan_info) if args.plan_info else {})
 
     _driver_logging()
     # the user's command, recorded in every run's summary (launchers set it before calling us)
     os.environ.setdefault("FORGELAB_COMMAND", shlex.join(["python", "scripts/train.py", *(argv or sys.argv[1:])]))
     kind, steps = make_plan(conf)
+    with contextlib.ExitStack() as held:
+        if not args.dry_run and os.environ.get("NODE_RANK", "0") == "0":
+            # one process tree per run dir: a second launch with the same run name stops here
+            for name in dict.fromkeys(st.run_name for st in steps):
+                lock = held.enter_context(RunLock(runs_root() / name, os.environ["FORGELAB_COMMAND"]))
+                if lock.notice:
+                    log.warning("%s", lock.notice)
+        return _drive(args, conf, kind, steps)
+
+
+def _drive(args, conf: TrainConfig, kind: str, steps: list[PlanStep]) -> int:
     # every run of the plan is validated, with its data, before the first one starts
     pres = []
     for st in steps:

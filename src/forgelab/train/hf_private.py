@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import time
 
 from transformers import Trainer
 
+from .. import manifest
 from . import checkpoint as ckpt
 from .callbacks import SaveTimer
 
@@ -62,16 +64,22 @@ class AtomicCheckpoints:
         t0 = time.perf_counter()
         self._staging = str(staging)
         try:
-            super()._save_checkpoint(model, trial)  # every rank writes its part into staging/checkpoint-N
-        finally:
-            self._staging = None
-        if self.args.should_save:
-            SaveTimer.delay(step)
-        self.accelerator.wait_for_everyone()
-        removed = []
-        if self.args.should_save:
-            ckpt.publish(staging, final)
-            removed = ckpt.rotate(self.run_dir, self.keep_last)
+            try:
+                super()._save_checkpoint(model, trial)  # every rank writes its part into staging/checkpoint-N
+            finally:
+                self._staging = None
+            if self.args.should_save:
+                SaveTimer.delay(step)
+            self.accelerator.wait_for_everyone()
+            removed = []
+            if self.args.should_save:
+                manifest.write_manifest(staging / final.name, hash=getattr(self, "manifest_hash", "sha256"))
+                ckpt.publish(staging, final)
+                removed = ckpt.rotate(self.run_dir, self.keep_last)
+        except Exception as e:  # a full disk, an I/O error: nothing half-written may stay
+            why = ckpt.save_failure(final, e)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ckpt.CheckpointError(why) from e
         self.accelerator.wait_for_everyone()
         rec = {"step": step, "seconds": round(time.perf_counter() - t0, 3),
                "bytes": ckpt.dir_bytes(final) if self.args.should_save else None, "path": str(final)}

@@ -142,6 +142,8 @@ def merge_lora(conf: MergeConfig, log) -> dict:
     if conf.threads:
         torch.set_num_threads(conf.threads)
     adapter = project_path(conf.adapter)
+    from ..manifest import require_intact
+    require_intact(adapter, "adapter")
     base = resolve_base(adapter, conf.base_model)
     out = project_path(conf.output)
     tok = AutoTokenizer.from_pretrained(_tokenizer_source(adapter, base))

@@ -21,7 +21,8 @@ from .hf_args import build_training_args
 from .memory_check import memory_warning, run_estimate
 from .model_build import build_model, model_config
 from .profiling import ProfilerCallback, StepTimers
-from .run_dir import prepare_run_dir, save_final
+from .graceful import GracefulStop
+from .run_dir import disk_check, prepare_run_dir, save_final
 from .trainer import ForgeTrainer
 
 
@@ -47,6 +48,7 @@ class Session:
     loss_chunk: int = 0
     resume_info: dict | None = None
     stopped_early: bool = False
+    disk: dict | None = None
     tokens_step_mean: float | None = None
 
     @property
@@ -75,6 +77,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
     args = build_training_args(pre, rt.on_cuda, rt.precision, rt.liger, notices)
     s.world, rank = args.world_size, args.process_index
     s.is_main = rank == 0
+    rc = 0
     try:
         cleaned = prepare_run_dir(pre, s.is_main)
         if s.world > 1:
@@ -89,15 +92,24 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                          conf.track, conf.backend, s.world, "cuda" if rt.on_cuda else "cpu", rt.precision)
             _log_estimate(s, run, args)
             trainer, metrics_cb, prof_cb, timers = _build_trainer(s, run, args, tokenizer, mc)
+            stop = GracefulStop(conf.checkpoint.grace_s, s.world, args.device)
+            trainer.add_callback(stop)
             t0 = time.time()
+            stop.install()
             try:
                 trainer.train(resume_from_checkpoint=str(pre.resume) if pre.resume else None)
             finally:
+                stop.uninstall()
                 metrics_cb.close()
                 if prof_cb:
                     prof_cb.stop()
             train_seconds = time.time() - t0
             s.stopped_early = trainer.state.global_step < conf.steps.max_steps
+            if stop.stopped_at is not None and s.stopped_early:
+                run.outcome = "interrupted"
+                run.summary["interrupted"] = {"signal": stop.signal_name, "step": stop.stopped_at,
+                                              "checkpoint": trainer.saved[-1]["path"] if trainer.saved else None}
+                rc = stop.exit_code
             final_dir = None
             if conf.checkpoint.save_final and not s.stopped_early:
                 final_dir = save_final(trainer, pre, {
@@ -120,7 +132,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
             on_nccl = dist.get_backend() == "nccl"
             dist.barrier(device_ids=[torch.cuda.current_device()] if on_nccl else None)
             dist.destroy_process_group()
-    return 0
+    return rc
 
 
 def _log_estimate(s: Session, run, args) -> None:
@@ -153,6 +165,10 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
     s.fpt = method.flops_per_token(s.counts, s.span)
     s.dev_name = torch.cuda.get_device_name(0) if rt.on_cuda else None
     s.peak, s.peak_src = peak_flops(conf.metrics.peak_flops, s.dev_name, rt.precision)
+    if conf.checkpoint.disk_check and s.is_main:
+        s.disk, warn = disk_check(pre, s.counts, method.trainable == "lora")
+        if warn:
+            run.log.warning("disk: %s", warn)
     run.log.info("model %s: %.1fM params (%.1fM trainable), %.3g FLOPs/token, attention span %.0f",
                  pre.model_source, s.counts.params / 1e6, s.counts.trainable_params / 1e6, s.fpt, s.span)
 
@@ -164,6 +180,7 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
                            compute_loss_func=method.loss(conf), run_dir=pre.run_dir,
                            keep_last=conf.checkpoint.keep_last, timers=timers, flops_per_token=s.fpt,
                            steady_skip=conf.metrics.steady_skip_steps, loss_chunk=s.loss_chunk)
+    trainer.manifest_hash = conf.checkpoint.manifest
     resume_step = 0
     if pre.resume is not None:
         st = read_json(pre.resume / ckpt.MARKER)
