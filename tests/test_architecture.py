@@ -22,6 +22,8 @@ FORBIDDEN = {
     "report": {"train", "eval", "serve", "data", "prof"},
     "components": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
     "jsonl": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
+    "manifest": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
+    "runlock": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
 }
 
 
