@@ -183,7 +183,8 @@ def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_earlier_checkpoin
 def test_a_second_launch_with_the_same_run_name_is_refused(tiny_model_dir, cpt_dir):
     name = "f-twice"
     run = runs_dir() / name
-    first = _launch(_args(tiny_model_dir, cpt_dir, name), env={"FORGELAB_SAVE_DELAY_S": "6",
+    # the first run pauses 20 s inside its step-2 save: the second starts while it holds the run dir
+    first = _launch(_args(tiny_model_dir, cpt_dir, name), env={"FORGELAB_SAVE_DELAY_S": "20",
                                                                "FORGELAB_SAVE_DELAY_STEP": "2"})
     _wait_for(first, lambda: (run / "run.log").is_file() and "pausing inside" in (run / "run.log").read_text())
     second = _launch(_args(tiny_model_dir, cpt_dir, name))
@@ -232,8 +233,13 @@ def _sigterm_and_resume(tiny_model_dir, cpt_dir, reference, name, when, backend=
     return stop
 
 
+# a pause in the step-6 save keeps a fast machine from finishing before the signal lands
+LATE_PAUSE = {"FORGELAB_SAVE_DELAY_S": "10", "FORGELAB_SAVE_DELAY_STEP": "6"}
+
+
 def test_sigterm_mid_run_saves_and_the_resumed_curve_is_exact(tiny_model_dir, cpt_dir, reference):
-    _sigterm_and_resume(tiny_model_dir, cpt_dir, reference, "f-term", lambda run: _steps_logged(run) >= 3)
+    _sigterm_and_resume(tiny_model_dir, cpt_dir, reference, "f-term", lambda run: _steps_logged(run) >= 3,
+                        env=LATE_PAUSE)
     assert _curve(runs_dir() / "f-term") == reference
 
 
@@ -254,7 +260,8 @@ def test_sigterm_with_two_ranks_stops_both_at_the_same_step(tiny_model_dir, cpt_
     out = p.communicate(timeout=900)[0]
     assert p.returncode == 0, out[-3000:]
     reference = _curve(runs_dir() / ref)
-    _sigterm_and_resume(tiny_model_dir, cpt_dir, reference, name, lambda run: _steps_logged(run) >= 3, backend="ddp")
+    _sigterm_and_resume(tiny_model_dir, cpt_dir, reference, name, lambda run: _steps_logged(run) >= 3, backend="ddp",
+                        env=LATE_PAUSE)
     assert _curve(runs_dir() / name) == reference
     ck = [p for _, p in ckpt.complete_checkpoints(runs_dir() / name)][-1]
     assert (ck / "rng_state_0.pth").is_file() and (ck / "rng_state_1.pth").is_file()
