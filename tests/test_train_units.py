@@ -208,6 +208,10 @@ def test_compile_on_cuda_only_runs_eager_on_cpu():
     notices: list[str] = []
     assert _choose_compile("cuda", on_cuda=False, notices=notices) is False and notices
     assert _choose_compile("cuda", on_cuda=True, notices=[]) is True
+    from forgelab.train.runtime import choose_memory_cap
+    notices = []
+    assert choose_memory_cap(79.6, on_cuda=False, notices=notices) is None and "not capped" in notices[0]
+    assert choose_memory_cap(None, on_cuda=True, notices=notices) is None and len(notices) == 1
     assert _choose_compile(True, on_cuda=False, notices=[]) is True
     assert _conf("runtime.torch_compile=cuda").runtime.torch_compile == "cuda"
     with pytest.raises(cfg.ConfigError, match="torch_compile"):

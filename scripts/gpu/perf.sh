@@ -5,6 +5,7 @@
 #   cpt17  Qwen3-1.7B shape, seq 2048: the Trainer baseline (LLaMA-Factory / ms-swift defaults)
 #          and tuned settings with the same global batch, side by side
 #   chunk17  for 80 GB cards: the chunked LM head + loss so that micro batch 8 fits (not run yet)
+#   cap80  an 80 GB card emulated (runtime.memory_cap_gib=79.6): micro batch 4, 8, 8 + chunked loss, 16 + chunked loss
 #   floor17  the device's floor for the 1.7B step (scripts/kernel_floor.py) and a profile of the
 #          regional-compile setting (kernel time per category, idle share)
 #   levers17  single levers on the regional-compile 1.7B setting (micro batch 8, cuDNN SDPA, max-autotune)
@@ -80,6 +81,15 @@ for part in "${@:-cpt17}"; do
         --set steps.micro_batch_size=8 --set steps.grad_accum=2
       bench p17-blocks-b4-cudnn 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set runtime.sdpa_backend=cudnn --set steps.micro_batch_size=4 --set steps.grad_accum=4
+      ;;
+    cap80)  # an 80 GB card (H100) emulated on the H200: the allocator capped at 79.6 GiB (runtime.memory_cap_gib)
+      C80=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set runtime.memory_cap_gib=79.6)
+      bench p17-cap80-b4 150 "${C80[@]}" --set steps.micro_batch_size=4 --set steps.grad_accum=4
+      bench p17-cap80-b8 150 "${C80[@]}" --set steps.micro_batch_size=8 --set steps.grad_accum=2
+      bench p17-cap80-b8-chunk 150 "${C80[@]}" --set steps.micro_batch_size=8 --set steps.grad_accum=2 \
+        --set runtime.loss_chunk_tokens=4096
+      bench p17-cap80-b16-chunk 150 "${C80[@]}" --set steps.micro_batch_size=16 --set steps.grad_accum=1 \
+        --set runtime.loss_chunk_tokens=4096
       ;;
     chunk17)  # for 80 GB cards: the chunked LM head + loss (no full logits) so that micro batch 8 fits
       bench p17-blocks-b4-chunkloss 150 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \

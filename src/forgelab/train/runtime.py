@@ -20,17 +20,38 @@ class Runtime:
     precision: str      # bf16 | fp16 | fp32
     liger: bool
     compile: bool       # conf.runtime.torch_compile resolved
+    memory_cap: int | None = None  # bytes the CUDA allocator may use (runtime.memory_cap_gib)
 
 
 def resolve(conf, notices: list[str]) -> Runtime:
     on_cuda = torch.cuda.is_available()
     if conf.runtime.threads:
         torch.set_num_threads(conf.runtime.threads)
+    cap = choose_memory_cap(conf.runtime.memory_cap_gib, on_cuda, notices)
     precision = choose_precision(conf.runtime.precision, on_cuda, notices)
     liger = choose_liger(conf.runtime.liger_kernel, on_cuda, notices)
     compiled = choose_compile(conf.runtime.torch_compile, on_cuda, notices)
     conf.runtime.torch_compile = compiled  # resolved, so the recorded config says what ran
-    return Runtime(on_cuda=on_cuda, precision=precision, liger=liger, compile=compiled)
+    return Runtime(on_cuda=on_cuda, precision=precision, liger=liger, compile=compiled, memory_cap=cap)
+
+
+def choose_memory_cap(gib: float | None, on_cuda: bool, notices: list[str]) -> int | None:
+    """Cap the CUDA caching allocator (a smaller card emulated on a larger one): allocations
+    past the cap raise out-of-memory as they would on that card."""
+    if not gib:
+        return None
+    if not on_cuda:
+        notices.append(f"runtime.memory_cap_gib {gib:g} caps CUDA memory; CPU runs are not capped")
+        return None
+    import os
+    dev = int(os.environ.get("LOCAL_RANK", "0"))
+    total = torch.cuda.get_device_properties(dev).total_memory
+    cap = int(gib * 2**30)
+    if cap < total:
+        torch.cuda.set_per_process_memory_fraction(cap / total, dev)
+        notices.append(f"CUDA memory capped at {gib:g} GiB of the device's {total / 2**30:.1f} GiB "
+                       "(runtime.memory_cap_gib): measured as on a smaller card")
+    return min(cap, total)
 
 
 def choose_precision(want: str, on_cuda: bool, notices: list[str]) -> str:

@@ -142,7 +142,8 @@ def _log_estimate(s: Session, run, args) -> None:
         run.log.info("pre-flight estimate: peak %.2f GiB, %s steps",
                      s.estimate.get("peak_memory_bytes", 0) / 2**30, s.estimate.get("steps"))
         if s.rt.on_cuda:
-            warn = memory_warning(s.estimate, torch.cuda.get_device_properties(args.device).total_memory)
+            warn = memory_warning(s.estimate, s.rt.memory_cap or
+                                  torch.cuda.get_device_properties(args.device).total_memory)
             if warn:
                 run.log.warning("pre-flight estimate: %s", warn)
 

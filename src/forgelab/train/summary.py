@@ -26,7 +26,7 @@ def start_fields(s) -> dict:
         "gradient_checkpointing": rt.gradient_checkpointing, "torch_compile": rt.torch_compile,
         "compile_scope": rt.compile_scope if rt.torch_compile else None,
         "attn_implementation": conf.model.attn_implementation, "sdpa_backend": rt.sdpa_backend,
-        "liger_kernel": s.rt.liger, "estimate": {"predicted": s.estimate},
+        "liger_kernel": s.rt.liger, "estimate": {"predicted": s.estimate}, "memory_cap_bytes": s.rt.memory_cap,
         **({"loss_component": _component(conf.loss)} if conf.loss else {})}
 
 
