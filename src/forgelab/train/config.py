@@ -105,6 +105,9 @@ class RuntimeSection:
                                                          "fused_linear_cross_entropy: true/false); {} = all")
     tf32: bool = field(True, help="allow TF32 matmuls on CUDA")
     threads: Optional[int] = field(None, help="torch CPU threads per rank (default: OMP_NUM_THREADS or torch's)")
+    cuda_alloc_conf: Optional[str] = field(None, help="PyTorch CUDA allocator settings for this run (as "
+                                                      "PYTORCH_CUDA_ALLOC_CONF, which wins when set), e.g. "
+                                                      "expandable_segments:True against fragmentation")
     memory_cap_gib: Optional[float] = field(None, help="cap this rank's CUDA allocator at this many GiB, e.g. 79.6 to "
                                                        "run as on an 80 GB H100 on a larger GPU; CPU: ignored, notice")
 

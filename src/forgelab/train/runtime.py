@@ -27,6 +27,10 @@ def resolve(conf, notices: list[str]) -> Runtime:
     on_cuda = torch.cuda.is_available()
     if conf.runtime.threads:
         torch.set_num_threads(conf.runtime.threads)
+    if conf.runtime.cuda_alloc_conf and on_cuda:
+        import os
+        # read when the allocator starts, i.e. before the first allocation of this process
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", conf.runtime.cuda_alloc_conf)
     cap = choose_memory_cap(conf.runtime.memory_cap_gib, on_cuda, notices)
     precision = choose_precision(conf.runtime.precision, on_cuda, notices)
     liger = choose_liger(conf.runtime.liger_kernel, on_cuda, notices)
