@@ -58,11 +58,13 @@ class RunLock:
         self.path = self.dir / NAME
         self.command = command
         self.held = False
+        self.created_dir = False  # the lock made the run dir: removed again if nothing else was written
         self.notice: str | None = None  # set when a stale lock was taken over
 
     def acquire(self) -> "RunLock":
         if held_by_ancestor(self.dir):
             return self
+        self.created_dir = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid()),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": self.command}
@@ -109,6 +111,11 @@ class RunLock:
         owner = self._owner()
         if owner is not None and owner.get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+        if self.created_dir:
+            try:
+                self.dir.rmdir()  # only when empty: a run refused before it wrote anything leaves no dir
+            except OSError:
+                pass
         mine = str(self.dir.resolve())
         os.environ[HELD_ENV] = os.pathsep.join(p for p in os.environ.get(HELD_ENV, "").split(os.pathsep)
                                                if p and p != mine)

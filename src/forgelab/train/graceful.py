@@ -1,8 +1,8 @@
 """Preemption: SIGTERM (what Slurm, Kubernetes and spot instances send before a kill) or SIGINT
 stops a run at the end of the current optimizer step, after a checkpoint.
 
-In a rank, ``GracefulStop`` notes the signal; at each step end the ranks agree (an all-reduce
-of the flag when there are several, so all stop at the same step), the step's save and stop
+In a rank, ``GracefulStop`` notes the signal; at each step end the ranks agree on the step to
+stop at (through the process group's store when there are several), that step's save and stop
 are requested, and ``checkpoint.grace_s`` later a watchdog exits the process anyway (an
 unfinished save is a staging dir, never a checkpoint). The session then writes its summary as
 ``interrupted`` and exits with 128 + the signal number; ``checkpoint.resume=auto`` continues
@@ -35,6 +35,7 @@ class GracefulStop(TrainerCallback):
         self.stopped_at: int | None = None
         self._old: dict = {}
         self._timer: threading.Timer | None = None
+        self._published = False
 
     # -- signals
     def install(self) -> "GracefulStop":
@@ -68,20 +69,28 @@ class GracefulStop(TrainerCallback):
         os._exit(128 + (self.signum or signal.SIGTERM))
 
     # -- the step boundary
-    def _agreed(self) -> int:
-        flag = self.signum or 0
-        if self.world > 1:
-            import torch
-            import torch.distributed as dist
-            t = torch.tensor([flag], dtype=torch.int64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        return flag
+    KEY = "forgelab_graceful_stop_step"
+
+    def _stop_step(self, step: int) -> int | None:
+        """The step at which every rank stops, or None. One rank: this one. Several: agreed
+        through the process group's key-value store (not a collective, so the step's own
+        communication stays as it is in profiles): the first rank to see a signal publishes
+        its next step, which no rank can have ended yet (each step's gradient all-reduce keeps
+        the ranks within one step of each other), and every rank checks at each step end."""
+        if self.world <= 1:
+            return step if self.signum else None
+        store = _store()
+        if self.signum and not self._published:
+            store.compare_set(self.KEY, "", str(step + 1))
+            self._published = True
+        if not store.check([self.KEY]):
+            return None
+        return int(store.get(self.KEY))
 
     def on_step_end(self, args, state, control, **kw):
-        flag = self._agreed()
-        if flag and self.stopped_at is None:
-            self.signum = self.signum or flag  # a rank that did not get the signal itself follows the others
+        target = self._stop_step(state.global_step)
+        if target is not None and state.global_step >= target and self.stopped_at is None:
+            self.signum = self.signum or int(signal.SIGTERM)  # a rank without the signal follows the others
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
@@ -94,6 +103,12 @@ class GracefulStop(TrainerCallback):
     @property
     def signal_name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum else None
+
+
+def _store():
+    """The default process group's key-value store (the rendezvous store torchrun or DeepSpeed set up)."""
+    from torch.distributed import distributed_c10d
+    return distributed_c10d._get_default_store()
 
 
 @contextlib.contextmanager
