@@ -27,10 +27,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class GracefulStop(TrainerCallback):
-    def __init__(self, grace_s: float, world: int, device=None):
+    def __init__(self, grace_s: float, world: int):
         self.grace_s = grace_s
         self.world = world
-        self.device = device
         self.signum: int | None = None   # the signal that asked for the stop
         self.stopped_at: int | None = None
         self._old: dict = {}

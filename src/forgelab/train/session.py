@@ -92,7 +92,7 @@ def run_session(pre, plan_info: dict | None = None) -> int:
                          conf.track, conf.backend, s.world, "cuda" if rt.on_cuda else "cpu", rt.precision)
             _log_estimate(s, run, args)
             trainer, metrics_cb, prof_cb, timers = _build_trainer(s, run, args, tokenizer, mc)
-            stop = GracefulStop(conf.checkpoint.grace_s, s.world, args.device)
+            stop = GracefulStop(conf.checkpoint.grace_s, s.world)
             trainer.add_callback(stop)
             t0 = time.time()
             stop.install()

@@ -27,6 +27,7 @@ from ...config import ConfigError
 class Method:
     name: str = ""            # the --task name and configs/train/<name>.yaml
     task: str = ""            # the config's `task` value (several methods may share one, e.g. sft)
+    sft_mode: str | None = None  # for task sft: the sft.mode value that selects this method
     data_kind: str = "cpt"    # "cpt" (fixed-length blocks) or "sft" (rows with labels)
     trainable: str = "full"   # "full" or "lora"
     builds_from_config: bool = False  # the model starts from random weights of a config (pretraining)
@@ -35,7 +36,7 @@ class Method:
     # -- config
     def selects(self, conf) -> bool:
         """This method is the one the config asks for."""
-        return conf.task == self.task
+        return conf.task == self.task and (self.sft_mode is None or conf.sft.mode == self.sft_mode)
 
     def validate(self, conf) -> None:
         """Method-specific config rules (raise ConfigError naming the key)."""
@@ -90,4 +91,4 @@ class Method:
 
     def summary(self, conf) -> dict[str, Any]:
         """What train_summary.json records about the method (next to `task`)."""
-        return {"sft_mode": conf.sft.mode if conf.task == "sft" else None}
+        return {"sft_mode": self.sft_mode}

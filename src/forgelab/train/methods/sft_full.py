@@ -6,11 +6,9 @@ from .base import Method
 class FullSFT(Method):
     name = "sft_full"
     task = "sft"
+    sft_mode = "full"
     data_kind = "sft"
     about = "supervised fine-tuning of all weights (task sft, sft.mode full)"
-
-    def selects(self, conf) -> bool:
-        return conf.task == "sft" and conf.sft.mode == "full"
 
 
 METHOD = FullSFT()

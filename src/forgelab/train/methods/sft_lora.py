@@ -10,13 +10,11 @@ from .base import Method
 class LoraSFT(Method):
     name = "sft_lora"
     task = "sft"
+    sft_mode = "lora"
     data_kind = "sft"
     trainable = "lora"
     about = "supervised fine-tuning of LoRA adapters (task sft, sft.mode lora)"
     flops_formula = "lora: 4*(N_nonemb+N_head) + 6*N_lora + 12*L*A*S"
-
-    def selects(self, conf) -> bool:
-        return conf.task == "sft" and conf.sft.mode == "lora"
 
     def prepare_model(self, model, conf):
         return apply_lora(model, conf)
