@@ -2,9 +2,13 @@
 """Stage 09: evaluate one or more models side by side -> runs/eval/<run>/ (summary.json,
 predictions/<model>.<task>.jsonl) and the report (reports/eval.md + eval.json).
 
-Tasks (configs/eval/default.yaml; overlays pick subsets): held-out perplexity with sliding
-windows, GSM8K-style math (few-shot chain of thought through the chat template, exact match
-of the final number), MMLU-style multiple choice (0- and 5-shot, letter log-likelihood).
+Tasks (configs/eval/default.yaml; overlays add or pick them): held-out perplexity with sliding
+windows, math word problems (0-shot through the chat template as the SFT data asks them, exact
+match of the final number; few-shot chain of thought: math_cot.yaml), MMLU-style multiple choice
+(letter log-likelihood); choice.yaml: PIQA/SIQA/CommonsenseQA/OpenBookQA/BoolQ; code.yaml:
+HumanEval pass@1 in a sandbox; lm-eval tasks (task lm_eval). Generation runs in-process or
+through a vLLM / transformers server started per model (served.yaml). With several models the
+report compares them pairwise on the same items (paired bootstrap CI, McNemar's test).
 
   python scripts/09_eval.py                                       # the base model, CPU limits
   python scripts/09_eval.py --config configs/eval/default.yaml --config configs/eval/compare.yaml
@@ -41,6 +45,7 @@ def main() -> int:
     p.add_argument("--report", default=None, help="report path (default: the config's 'report')")
     args = p.parse_args()
     conf = cli.load_config(EvalConfig, args)
+    cli.interrupt_on_sigterm()  # a killed eval still stops the servers it started
     from forgelab.eval.data import EvalDataError
     try:
         return evaluate(conf, args)

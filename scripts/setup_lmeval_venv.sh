@@ -10,7 +10,7 @@ VENV=${LMEVAL_VENV:-.venv-lmeval}
 LMEVAL_VERSION=${LMEVAL_VERSION:-0.4.13}
 torch_pin=$(grep -E '^torch==' requirements.txt)
 tf_pin=$(grep -E '^transformers(\[[a-z]+\])?==' requirements.txt | sed 's/\[.*\]//')
-want="lm-eval==$LMEVAL_VERSION $torch_pin $tf_pin"
+want="lm-eval[hf,api]==$LMEVAL_VERSION $torch_pin $tf_pin"
 stamp="$VENV/.forgelab-lmeval"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 echo "[lm-eval] creating $VENV with $want" >&2
@@ -19,5 +19,5 @@ echo "[lm-eval] creating $VENV with $want" >&2
 # torch first, then the rest constrained to it, so nothing swaps in a CUDA build.
 "$VENV/bin/python" -m pip install -q "$torch_pin"
 printf '%s\n%s\n' "$torch_pin" "$tf_pin" > "$VENV/constraints.txt"
-"$VENV/bin/python" -m pip install -q "lm-eval[hf]==$LMEVAL_VERSION" "$tf_pin" -c "$VENV/constraints.txt"
+"$VENV/bin/python" -m pip install -q "lm-eval[hf,api]==$LMEVAL_VERSION" "$tf_pin" -c "$VENV/constraints.txt"
 echo "$want" > "$stamp"

