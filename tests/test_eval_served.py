@@ -20,10 +20,7 @@ def math_run(raw_data, model_dir, root, name, *sets):
         f"models=[{{name: tiny, path: {model_dir}}}]", "tasks=[math]",
         f"math.datasets=[{{name: asdiv, path: {raw_data['asdiv']}, format: asdiv}}]",
         "math.exclude_paths=[]", "math.limit=6", "math.max_new_tokens=12", "runtime.device=cpu",
-        "runtime.batch_size=3", "generation.server_threads=2",
-        # one engine process fewer: starts sooner on 2 busy cores
-        "generation.serve_overrides=[\"vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}\", "
-        "\"vllm.extra_args=[--distributed-executor-backend, uni]\"]", *sets])
+        "runtime.batch_size=3", "generation.server_threads=2", *sets])
     with Run("eval", conf, name, runs_root=root, logs_root=root / "logs") as run:
         run_eval(conf, run, f"python scripts/09_eval.py --run-name {name}")
     s = read_json(run.summary_path)

@@ -167,3 +167,30 @@ def test_short_benchmark(served, tmp_path):
     assert "## Results" in md and served.state["url"] in md and "TTFT (ms)" in md
     assert (tmp_path / "bench_latency.png").stat().st_size > 10_000
     assert (tmp_path / "bench_throughput.png").exists() and (tmp_path / "bench.json").exists()
+
+
+def test_eval_math_through_the_running_server(served, raw_data, tmp_path):
+    """models[].server: the eval's math task decodes through this already-running server and
+    gets the in-process answers (the stage starts no server of its own)."""
+    from forgelab.eval.config import EvalConfig
+    from forgelab.eval.runner import run_eval
+    from forgelab.runs import Run, read_json
+
+    def run(name, model):
+        conf = cfg.load(EvalConfig, [CONFIGS / "eval" / "default.yaml"], [
+            f"models=[{model}]", "tasks=[math]", "math.exclude_paths=[]", "math.limit=4",
+            f"math.datasets=[{{name: asdiv, path: {raw_data['asdiv']}, format: asdiv}}]",
+            "math.max_new_tokens=8", "runtime.device=cpu", "runtime.batch_size=2"])
+        with Run("eval", conf, name, runs_root=tmp_path, logs_root=tmp_path / "logs") as r:
+            run_eval(conf, r, "test")
+        recs = [json.loads(x) for x in (r.dir / "predictions" / "tiny.math_asdiv.jsonl").read_text().splitlines()]
+        return read_json(r.summary_path), [(x["row"], x["response"], x["new_tokens"], x["stopped"]) for x in recs]
+
+    before = {d.name for d in server.serve_root().iterdir()}
+    s, served_recs = run("via-server", f"{{name: tiny, path: {served.model_dir}, server: {served.state['name']}}}")
+    _, local_recs = run("in-process", f"{{name: tiny, path: {served.model_dir}}}")
+    gen = s["models"]["tiny"]["generation"]
+    assert gen == {"backend": served.backend, "server": served.state["name"], "url": served.state["url"],
+                   "started_here": False}
+    assert served_recs == local_recs and len(served_recs) == 4
+    assert {d.name for d in server.serve_root().iterdir()} == before  # no server of its own

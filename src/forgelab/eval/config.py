@@ -258,7 +258,7 @@ class GenerationConfig:
     serve_overrides: list[str] = field([], help="key=value overrides of that serve config, as --set takes "
                                        "them (e.g. vllm.max_num_seqs=64)")
     server_threads: int = field(0, help="CPU threads of the started server (0 = every core of the machine)")
-    concurrency: int = field(64, help="requests in flight at once (the server batches them)")
+    concurrency: int = field(128, help="requests in flight at once (the server batches them)")
     timeout_s: float = field(900.0, help="seconds one request may take")
 
     def validate(self) -> None:

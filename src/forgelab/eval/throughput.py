@@ -105,7 +105,7 @@ def markdown(res: dict, command: str) -> str:
          table(["path", "threads", "problems", "seconds", "start-up s", "problems/s",
                 "problems/s incl. start-up", "new tokens/s", "exact match", "same text", "same answer",
                 "vs best in-process"], rows), ""]
-    if fastest:
+    if fastest and fastest["speedup_vs_best_inprocess"] is not None:
         L.append(f"Fastest served path: `{fastest['path']}` at {fastest['speedup_vs_best_inprocess']:.2f}x "
                  f"the best in-process path (`{res['best_inprocess']}`) once started "
                  f"({fastest['problems_per_s_with_startup'] / fastest['problems_per_s'] * fastest['speedup_vs_best_inprocess']:.2f}x "
