@@ -282,3 +282,52 @@ def test_chunked_loss_is_refused_where_it_cannot_run(tiny_model_dir):
     assert _choose_loss_chunk(_conf("runtime.loss_chunk_tokens=512", "runtime.torch_compile=true"), model, 1,
                               notes) == 0
     assert len(notes) == 2 and "one rank" in notes[0] and "compile_scope=blocks" in notes[1]
+
+
+def test_fp8_key_is_validated_and_degrades_with_a_notice(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from forgelab.train.runtime import choose_fp8
+    assert _conf().runtime.fp8 is None and _conf("runtime.fp8=rowwise").runtime.fp8 == "rowwise"
+    with pytest.raises(cfg.ConfigError, match="runtime.fp8"):
+        _conf("runtime.fp8=tensorwse")
+    with pytest.raises(cfg.ConfigError, match="fp8_lm_head"):
+        _conf("runtime.fp8_lm_head=true").validate()
+    _conf("runtime.fp8=tensorwise", "runtime.fp8_lm_head=true").validate()
+    notes: list[str] = []
+    assert choose_fp8(_conf(), on_cuda=True, notices=notes) is None and not notes
+    fp8 = _conf("runtime.fp8=tensorwise", "runtime.torch_compile=true")
+    assert choose_fp8(fp8, on_cuda=False, notices=notes) is None
+    assert "runtime.fp8 tensorwise is off" in notes[-1] and "CUDA" in notes[-1]
+    # GPU paths, the device and the package faked: too old a GPU, no torchao, LoRA, a sharding backend
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert choose_fp8(fp8, on_cuda=True, notices=notes) is None and "8.0" in notes[-1]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    real_find, ao = importlib.util.find_spec, {"spec": None}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: ao["spec"] if name == "torchao" else
+                        real_find(name, *a))
+    assert choose_fp8(fp8, on_cuda=True, notices=notes) is None and "torchao is not installed" in notes[-1]
+    ao["spec"] = object()
+    lora = _conf("runtime.fp8=tensorwise", files=("configs/train/sft_lora.yaml",))
+    assert choose_fp8(lora, on_cuda=True, notices=notes) is None and "LoRA" in notes[-1]
+    assert choose_fp8(_conf("runtime.fp8=tensorwise", "backend=fsdp"), on_cuda=True, notices=notes) is None
+    assert "backend fsdp" in notes[-1]
+    n = len(notes)
+    assert choose_fp8(fp8, on_cuda=True, notices=notes) == "tensorwise" and len(notes) == n
+    assert choose_fp8(_conf("runtime.fp8=rowwise"), on_cuda=True, notices=notes) == "rowwise"
+    assert "unfused" in notes[-1]  # eager FP8 runs, with a word that it is slow
+
+
+def test_fp8_filter_skips_the_lm_head_and_odd_dims():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forgelab.train.runtime import fp8_filter
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=120, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    keep = fp8_filter(model)
+    kept = {n.split(".")[-1] for n, m in model.named_modules() if keep(m, n)}
+    assert kept == {"q_proj", "k_proj", "v_proj", "o_proj"}  # MLP: 120 is no multiple of 16; head skipped
+    assert not keep(model.lm_head, "lm_head") and not keep(model.model.embed_tokens, "model.embed_tokens")
+    assert fp8_filter(model, lm_head=True)(model.lm_head, "lm_head")  # the opt-in lever

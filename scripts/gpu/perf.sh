@@ -14,13 +14,17 @@
 #   levers17c  at micro batch 16: fused AdamW off, loader workers, checkpointing on, whole-model
 #          compile, seq 4096 (same tokens per step; needs .gpu/cpt4096)
 #   repeat17  the best 1.7B setting (micro batch 16) a second time, for the noise
+#   fp8_17  FP8 linears (runtime.fp8, torchao float8) on that setting: bf16, tensorwise, rowwise and bf16
+#          again (the noise), 60 steps each on the same data; $OUT/fp8_compare.json compares them
+#   fp8head17  the same protocol: bf16, tensorwise again, tensorwise with the LM head in FP8 too
+#          (runtime.fp8_lm_head); $OUT/fp8head_compare.json
 #   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
 #   pack   the packing check (per-sample logits, packed vs alone) on the GPU, sdpa and flex
 # Inputs: .gpu/tok, .gpu/cpt2048 (.gpu/cpt4096 for levers17c), .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
-# .whl (transformers, peft, liger-kernel wheels). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
+# .whl (transformers, peft, liger-kernel wheels; torchao for fp8_17, fp8head17). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
 # usage: OUT=dir BUDGET_S=560 bash scripts/gpu/perf.sh cpt17 [cpt06 sft17 pack]
 set -uo pipefail
 source "$(dirname "$0")/_env.sh"
@@ -68,6 +72,9 @@ S17=(--task sft_lora --set model.path=null --set model.preset=qwen3-1.7b --set m
      --set lora.r=64 --set lora.alpha=128 --set lora.dropout=0.05 --set lora.target_modules=all-linear
      --set optim.lr=1e-4 --set steps.max_steps=12 --set optim.warmup_steps=2 --set metrics.steady_skip_steps=4)
 TUNED=(--set runtime.torch_compile=true --set runtime.gradient_checkpointing=false)
+# the FP8 parts: the best bf16 1.7B setting, 60 steps (60 x 16 rows stay inside the 1,020 blocks)
+F17=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set runtime.sdpa_backend=cudnn
+     --set steps.micro_batch_size=16 --set steps.grad_accum=1 --set steps.max_steps=60 --set metrics.steady_skip_steps=10)
 
 for part in "${@:-cpt17}"; do
   case $part in
@@ -130,6 +137,22 @@ for part in "${@:-cpt17}"; do
       bench p17-blocks-b16-r2 180 "${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set steps.micro_batch_size=16 --set steps.grad_accum=1
       ;;
+    fp8_17)  # FP8 linears against bf16 on the best 1.7B setting: same data, seed and steps (no row seen
+      # twice); MFU of every run by the bf16 formula
+      bench p17-fp8-bf16 150 "${F17[@]}"
+      bench p17-fp8-tensorwise 180 "${F17[@]}" --set runtime.fp8=tensorwise
+      bench p17-fp8-rowwise 180 "${F17[@]}" --set runtime.fp8=rowwise
+      bench p17-fp8-bf16-r2 150 "${F17[@]}"
+      python3 scripts/gpu/fp8_compare.py runs/train p17-fp8-bf16 p17-fp8-tensorwise p17-fp8-rowwise \
+        p17-fp8-bf16-r2 --json "$OUT/fp8_compare.json"
+      ;;
+    fp8head17)  # the fp8_17 protocol again on another machine, and the LM head in FP8 as the next lever
+      bench p17-fp8b-bf16 150 "${F17[@]}"
+      bench p17-fp8b-tensorwise 180 "${F17[@]}" --set runtime.fp8=tensorwise
+      bench p17-fp8b-tensorwise-head 180 "${F17[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      python3 scripts/gpu/fp8_compare.py runs/train p17-fp8b-bf16 p17-fp8b-tensorwise p17-fp8b-tensorwise-head \
+        --json "$OUT/fp8head_compare.json"
+      ;;
     levers17c)  # at micro batch 16: fused AdamW off, checkpointing on, whole-model compile, loader workers, seq 4096
       B16=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=16 --set steps.grad_accum=1)
       bench p17-blocks-b16-unfused 150 "${B16[@]}" --set optim.fused=off
@@ -179,7 +202,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 cpt06 cpt06b sft17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"

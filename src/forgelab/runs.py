@@ -114,7 +114,7 @@ def git_state() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets",
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "torchao", "datasets",
             "tokenizers", "safetensors", "vllm", "numpy")
 
 

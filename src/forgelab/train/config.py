@@ -100,6 +100,12 @@ class RuntimeSection:
     loss_chunk_tokens: int = field(0, help="LM head + loss over chunks of this many tokens, gradients taken in the "
                                            "forward pass (no full logits in memory); 0 = off. One rank, eager or "
                                            "compile_scope blocks")
+    fp8: Optional[Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]] = field(
+        None, help="FP8 training linears for the decoder's Linear layers, not the LM head: tensorwise, rowwise or "
+                   "rowwise_with_gw_hp (torchao float8 scaling recipes); null = off. Full-weight training on single, ddp or zero2 with a GPU of compute "
+                   "capability >= 8.9 and torchao installed; elsewhere off with a notice")
+    fp8_lm_head: bool = field(False, help="with runtime.fp8: the LM head too (the largest matmul; the logits then "
+                                          "come from FP8 inputs, so compare the loss curve)")
     liger_kernel: bool = field(False, help="Liger Triton kernels (CUDA + liger-kernel installed; else a notice)")
     liger_kernel_config: dict[str, Any] = field({}, help="which Liger kernels (rope, rms_norm, swiglu, "
                                                          "fused_linear_cross_entropy: true/false); {} = all")
@@ -261,6 +267,8 @@ class TrainConfig:
             raise ConfigError("key 'runtime.compile_mode' reduce-overhead (CUDA graphs) cannot run with "
                               "runtime.compile_scope blocks: each layer's replay overwrites the previous layer's "
                               "outputs; use compile_scope model, or another compile_mode")
+        if rt.fp8_lm_head and not rt.fp8:
+            raise ConfigError("key 'runtime.fp8_lm_head' is on but runtime.fp8 is null; set a recipe")
         if self.loss:
             from ..components import load_component
             load_component("loss", self.loss, "loss")  # a wrong path or signature fails here, before any model

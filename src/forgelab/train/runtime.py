@@ -3,7 +3,7 @@
 Each ``choose_*`` takes the requested value and returns what the run applies, appending a notice
 when the two differ (a CUDA-only setting on a CPU, a missing package), so the run record says
 what ran. ``resolve`` applies the ones known before the model exists; the model-dependent ones
-(SDPA kernel, regional compile, chunked loss) are applied to the built model."""
+(FP8 linears, SDPA kernel, regional compile, chunked loss) are applied to the built model."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,6 +21,7 @@ class Runtime:
     liger: bool
     compile: bool       # conf.runtime.torch_compile resolved
     memory_cap: int | None = None  # bytes the CUDA allocator may use (runtime.memory_cap_gib)
+    fp8: str | None = None  # torchao float8 recipe applied to the Linear layers (runtime.fp8 resolved)
 
 
 def resolve(conf, notices: list[str]) -> Runtime:
@@ -36,7 +37,8 @@ def resolve(conf, notices: list[str]) -> Runtime:
     liger = choose_liger(conf.runtime.liger_kernel, on_cuda, notices)
     compiled = choose_compile(conf.runtime.torch_compile, on_cuda, notices)
     conf.runtime.torch_compile = compiled  # resolved, so the recorded config says what ran
-    return Runtime(on_cuda=on_cuda, precision=precision, liger=liger, compile=compiled, memory_cap=cap)
+    fp8 = choose_fp8(conf, on_cuda, notices)
+    return Runtime(on_cuda=on_cuda, precision=precision, liger=liger, compile=compiled, memory_cap=cap, fp8=fp8)
 
 
 def choose_memory_cap(gib: float | None, on_cuda: bool, notices: list[str]) -> int | None:
@@ -93,6 +95,61 @@ def choose_compile(want, on_cuda: bool, notices: list[str]) -> bool:
         notices.append("runtime.torch_compile is 'cuda': CPU runs eager (compiling pays off on GPUs)")
         return False
     return bool(want)
+
+
+def choose_fp8(conf, on_cuda: bool, notices: list[str]) -> str | None:
+    """The torchao float8 recipe the run applies (runtime.fp8), or None with a notice saying why not."""
+    want = conf.runtime.fp8
+    if not want:
+        return None
+    why = None
+    if not on_cuda:
+        why = "FP8 matmuls need a CUDA GPU; CPU trains in the run's precision"
+    elif (cc := torch.cuda.get_device_capability(_local_device())) < (8, 9):
+        why = f"FP8 matmuls need compute capability >= 8.9 (Ada, Hopper); this GPU is {cc[0]}.{cc[1]}"
+    elif importlib.util.find_spec("torchao") is None:
+        why = "torchao is not installed"
+    elif conf.method.trainable != "full":
+        # torchao's float8 backward computes every weight gradient, frozen base weights' too
+        why = "it converts full-weight training; a LoRA run's frozen base would still pay for weight gradients"
+    elif conf.backend not in ("single", "ddp", "zero2"):
+        why = f"backend {conf.backend} shards the weights it would cast; use single, ddp or zero2"
+    if why:
+        notices.append(f"runtime.fp8 {want} is off: {why}")
+        return None
+    if not conf.runtime.torch_compile:
+        notices.append("runtime.fp8 without runtime.torch_compile: the float8 casts run unfused, usually "
+                       "slower than bf16")
+    return want
+
+
+def fp8_filter(model, lm_head: bool = False):
+    """torchtitan's module filter: Linear layers whose dims are multiples of 16 (FP8 tensor cores
+    need them), and not the LM head unless asked (its logits feed the loss directly)."""
+    head = base_model(model).get_output_embeddings()
+
+    def keep(mod, fqn: str) -> bool:
+        if not isinstance(mod, torch.nn.Linear) or (mod is head and not lm_head):
+            return False
+        out_f, in_f = mod.weight.shape
+        return out_f % 16 == 0 and in_f % 16 == 0
+    return keep
+
+
+def apply_fp8(model, recipe: str, lm_head: bool = False) -> int:
+    """Swap the filtered Linear layers for torchao's Float8Linear (same parameters, a tied head
+    stays tied; FP8 matmuls with dynamic scaling of the given recipe); before compile, so the
+    casts fuse into the graph. Returns how many layers were converted."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+    convert_to_float8_training(base_model(model), config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=fp8_filter(model, lm_head))
+    return sum(isinstance(m, Float8Linear) for m in model.modules())
+
+
+def _local_device() -> int:
+    import os
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def choose_loss_chunk(conf, model, world: int, notices: list[str]) -> int:
@@ -157,9 +214,10 @@ def decoder_blocks(model) -> torch.nn.ModuleList | None:
     return None
 
 
-def compile_blocks(model, mode: str | None, notices: list[str]) -> int:
+def compile_blocks(model, mode: str | None, notices: list[str], head: bool = False) -> int:
     """Regional compilation: each decoder block (all share one graph, so it compiles once) and
-    the loss (fuses the logits' upcast, log-softmax and gather)."""
+    the loss (fuses the logits' upcast, log-softmax and gather); with ``head`` the LM head too
+    (an FP8 head: eager, its casts would take extra passes over the logits' gradient)."""
     blocks = decoder_blocks(model)
     if blocks is None:
         notices.append("runtime.compile_scope blocks: no decoder layer list found; compiling the whole model")
@@ -169,4 +227,6 @@ def compile_blocks(model, mode: str | None, notices: list[str]) -> int:
         b.compile(mode=mode)
     base = base_model(model)
     base.loss_function = torch.compile(base.loss_function, mode=mode)
+    if head:
+        base.get_output_embeddings().compile(mode=mode)
     return len(blocks)

@@ -46,6 +46,7 @@ class Session:
     dev_name: str | None = None
     sdpa: str = "auto"
     loss_chunk: int = 0
+    fp8_linears: int = 0
     resume_info: dict | None = None
     stopped_early: bool = False
     disk: dict | None = None
@@ -153,9 +154,14 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
     the collator, the ForgeTrainer and its callbacks."""
     pre, conf, rt, method, notices = s.pre, s.conf, s.rt, s.method, s.notices
     s.model = model = build_model(pre, mc, rt.on_cuda, notices)
+    fp8_head = bool(rt.fp8) and conf.runtime.fp8_lm_head
+    if rt.fp8:  # before compile: the float8 casts are traced into the block graphs
+        s.fp8_linears = runtime.apply_fp8(model, rt.fp8, fp8_head)
+        run.log.info("fp8: %d Linear layers -> torchao Float8Linear (%s scaling); LM head %s", s.fp8_linears,
+                     rt.fp8, "too" if fp8_head else "kept")
     s.sdpa = runtime.apply_sdpa_backend(conf.runtime.sdpa_backend, rt.on_cuda, notices)
     if conf.runtime.torch_compile and conf.runtime.compile_scope == "blocks":
-        n_compiled = runtime.compile_blocks(model, conf.runtime.compile_mode, notices)
+        n_compiled = runtime.compile_blocks(model, conf.runtime.compile_mode, notices, head=fp8_head)
         if n_compiled:
             run.log.info("torch.compile: %d decoder blocks + the loss (regional)", n_compiled)
     s.loss_chunk = runtime.choose_loss_chunk(conf, model, s.world, notices)

@@ -26,7 +26,8 @@ def start_fields(s) -> dict:
         "gradient_checkpointing": rt.gradient_checkpointing, "torch_compile": rt.torch_compile,
         "compile_scope": rt.compile_scope if rt.torch_compile else None,
         "attn_implementation": conf.model.attn_implementation, "sdpa_backend": rt.sdpa_backend,
-        "liger_kernel": s.rt.liger, "estimate": {"predicted": s.estimate}, "memory_cap_bytes": s.rt.memory_cap,
+        "fp8": s.rt.fp8, "liger_kernel": s.rt.liger, "estimate": {"predicted": s.estimate},
+        "memory_cap_bytes": s.rt.memory_cap,
         **({"loss_component": _component(conf.loss)} if conf.loss else {})}
 
 
@@ -66,7 +67,8 @@ def end_fields(s, trainer, metrics_cb, train_seconds: float, final_dir: Path | N
         "attn_implementation": model.config.get_text_config()._attn_implementation
         if hasattr(model.config, "get_text_config") else None,
         "compile_mode": rt.compile_mode if rt.torch_compile else None,
-        "sdpa_backend": s.sdpa, "loss_chunk_tokens": s.loss_chunk,
+        "sdpa_backend": s.sdpa, "loss_chunk_tokens": s.loss_chunk, "fp8_linears": s.fp8_linears,
+        "fp8_lm_head": bool(s.rt.fp8) and rt.fp8_lm_head,
         "liger_kernel_config": rt.liger_kernel_config if s.rt.liger else None,
         "fused_adamw": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "dataloader_workers": conf.data.num_workers,
@@ -87,7 +89,8 @@ def end_fields(s, trainer, metrics_cb, train_seconds: float, final_dir: Path | N
         "tokens_per_s_mean": tps_mean, "tokens_per_s_steady": tps_steady,
         "steady_skip_steps": skip, "steady_steps": len(steady),
         "flops_per_token": fpt, "flops_formula": s.method.flops_formula,
-        "peak_flops": peak, "peak_flops_source": s.peak_src,
+        "peak_flops": peak, "peak_flops_source": s.peak_src + (
+            "; FP8 linears: the same FLOP count against this peak, not an FP8 one" if s.rt.fp8 else ""),
         "mfu_mean": mfu(tps_mean, fpt, peak, world), "mfu_steady": mfu(tps_steady, fpt, peak, world),
         "peak_memory_bytes": peak_mem, "peak_memory_measure": mem_measure,
         "checkpoints": trainer.saved, "resume": s.resume_info,
