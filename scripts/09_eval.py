@@ -16,24 +16,11 @@ report compares them pairwise on the same items (paired bootstrap CI, McNemar's 
   python scripts/09_eval.py --report-from runs/eval/a runs/eval/b  # rebuild the report only
 Every key: python scripts/config.py keys eval
 """
-import os
-import shlex
 import sys
 
 from forgelab import cli
 from forgelab.eval.config import EvalConfig
-from forgelab.runs import PROJECT_ROOT, Run, project_path, read_json
-
-
-def command_line() -> str:
-    """The command as typed from the project root, for the record next to every number."""
-    script = sys.argv[0]
-    try:
-        script = str(project_path(script).resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        pass
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
-    return (env + " " if env else "") + shlex.join(["python", script] + sys.argv[1:])
+from forgelab.runs import Run, project_path, read_json
 
 
 def main() -> int:
@@ -67,7 +54,7 @@ def evaluate(conf: EvalConfig, args) -> int:
 
     from forgelab.eval.runner import run_eval
     with Run("eval", conf, args.run_name) as run:
-        run_eval(conf, run, command_line())
+        run_eval(conf, run, cli.command_line())
         run.write_summary()  # the report reads the finished summary
         out = args.report or conf.report
         if out:

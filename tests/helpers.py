@@ -137,3 +137,16 @@ def tiny_sets(model_dir: Path, data_dir: Path, **extra) -> list[str]:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def run_eval_script(run_name: str, report_md: Path, *sets: str, configs: tuple[str, ...] = (),
+                    env: dict | None = None) -> tuple[Path, dict]:
+    """scripts/09_eval.py as a user runs it (one thread, --set overrides); returns its run
+    directory and summary.json."""
+    cmd = [PY, "scripts/09_eval.py", *[a for c in configs for a in ("--config", c)],
+           "--run-name", run_name, "--report", str(report_md), *[a for s in sets for a in ("--set", s)]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = project_path(env["FORGELAB_RUNS_DIR"]) / "eval" / run_name
+    return run_dir, json.loads((run_dir / "summary.json").read_text())

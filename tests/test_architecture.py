@@ -19,6 +19,7 @@ FORBIDDEN = {
     "estimate": {"train", "eval", "serve", "report", "data"},
     "eval": {"train"},
     "serve": {"train"},
+    "align": {"train", "report", "estimate", "prof"},
     "report": {"train", "eval", "serve", "data", "prof"},
     "components": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
     "jsonl": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},

@@ -2,12 +2,11 @@
 counted), the two-pass prefix-cached scoring against plain full forward passes on the tiny
 model, and the eval stage end to end over a tiny generated file."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from helpers import run_eval_script
 
 from forgelab import config as cfg
 from forgelab.eval import choice
@@ -180,17 +179,10 @@ def test_eval_stage_runs_choice(tiny_model_dir, tmp_path):
              "label": 0} for i in range(7)] + [{"question": "unlabelled", "choices": ["a", "b"]}]
     data = write_jsonl(tmp_path / "toy.jsonl", rows)
     report_md = tmp_path / "eval_choice.md"
-    cmd = [sys.executable, "scripts/09_eval.py", "--config", "configs/eval/default.yaml",
-           "--config", "configs/eval/choice.yaml", "--run-name", "choice-toy", "--report", str(report_md),
-           "--set", f"models=[{{name: tiny, path: {tiny_model_dir}}}]",
-           "--set", f"choice.datasets=[{{name: toy, path: {data}, format: choices}}]",
-           "--set", "choice.limit=5", "--set", "runtime.device=cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    run_dir = project_path(os.environ["FORGELAB_RUNS_DIR"]) / "eval" / "choice-toy"
-    s = json.loads((run_dir / "summary.json").read_text())
+    run_dir, s = run_eval_script(
+        "choice-toy", report_md, f"models=[{{name: tiny, path: {tiny_model_dir}}}]",
+        f"choice.datasets=[{{name: toy, path: {data}, format: choices}}]", "choice.limit=5", "runtime.device=cpu",
+        configs=("configs/eval/default.yaml", "configs/eval/choice.yaml"))
     prot = s["protocol"]["choice"]["datasets"]["toy"]
     assert list(s["protocol"]) == ["choice"] and prot["scored"] == 5 and prot["rows"] == 8
     assert prot["labelled"] == 7 and prot["labels_dropped"] == {choice.NO_LABEL: {"count": 1, "first_rows": [8]}}

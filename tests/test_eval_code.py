@@ -3,17 +3,16 @@ in the sandbox (a real problem's canonical solution passes, broken ones fail), t
 the eval stage end to end with the tiny model."""
 import gzip
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from helpers import run_eval_script
 
 from forgelab import config as cfg
 from forgelab.eval import code, paired, sandbox
 from forgelab.eval.config import EvalConfig
 from forgelab.eval.data import EvalDataError
-from forgelab.runs import PROJECT_ROOT, project_path
+from forgelab.runs import PROJECT_ROOT
 
 PROBLEM = {"task_id": "Toy/0", "entry_point": "add", "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
            "prompt": 'def add(a: int, b: int) -> int:\n    """Sum of a and b."""\n'}
@@ -133,16 +132,10 @@ def test_prepare_draws_a_seeded_subset(raw_data):
 
 def test_eval_stage_runs_code(tiny_model_dir, raw_data, tmp_path):
     report_md = tmp_path / "eval_code.md"
-    cmd = [sys.executable, "scripts/09_eval.py", "--config", "configs/eval/default.yaml",
-           "--config", "configs/eval/code.yaml", "--run-name", "code-tiny", "--report", str(report_md),
-           "--set", f"models=[{{name: tiny, path: {tiny_model_dir}}}]", "--set", f"code.path={raw_data['humaneval']}",
-           "--set", "code.limit=3", "--set", "code.max_new_tokens=24", "--set", "runtime.device=cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    run_dir = project_path(os.environ["FORGELAB_RUNS_DIR"]) / "eval" / "code-tiny"
-    s = json.loads((run_dir / "summary.json").read_text())
+    run_dir, s = run_eval_script(
+        "code-tiny", report_md, f"models=[{{name: tiny, path: {tiny_model_dir}}}]",
+        f"code.path={raw_data['humaneval']}", "code.limit=3", "code.max_new_tokens=24", "runtime.device=cpu",
+        configs=("configs/eval/default.yaml", "configs/eval/code.yaml"))
     prot = s["protocol"]["code"]
     assert list(s["protocol"]) == ["code"] and prot["scored"] == 3 and prot["problems"] == 164
     assert len(prot["task_ids"]) == 3 and prot["data_fingerprint"] and prot["prompt"] == code.PROMPT

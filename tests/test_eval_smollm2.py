@@ -1,32 +1,24 @@
 """Stage 09 for real: scripts/09_eval.py on SmolLM2-135M-Instruct with a handful of MMLU
 questions, 2 ASDiv problems and a short perplexity stream."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from helpers import run_eval_script
+
 from forgelab.eval.perplexity import windows
-from forgelab.runs import PROJECT_ROOT, project_path
+from forgelab.runs import project_path
 
 
 @pytest.mark.slow
 def test_eval_script_on_smollm2(smollm2_dir, raw_data, tmp_path):
     report_md = tmp_path / "eval.md"
-    cmd = [sys.executable, "scripts/09_eval.py", "--run-name", "smollm2-small", "--report", str(report_md),
-           "--set", f"models=[{{name: base, path: {smollm2_dir}}}]",
-           "--set", "perplexity.max_tokens=256", "--set", "perplexity.max_length=128", "--set", "perplexity.stride=96",
-           "--set", "math.limit=2", "--set", "math.shots=2", "--set", "math.fewshot_paths=[]",
-           "--set", "math.max_new_tokens=40",
-           "--set", "mmlu.subjects=[world_religions, high_school_geography]", "--set", "mmlu.per_subject_limit=3",
-           "--set", "mmlu.shots=[0, 2]", "--set", "runtime.device=cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    run_dir = project_path(os.environ["FORGELAB_RUNS_DIR"]) / "eval" / "smollm2-small"
-    s = json.loads((run_dir / "summary.json").read_text())
+    run_dir, s = run_eval_script(
+        "smollm2-small", report_md, f"models=[{{name: base, path: {smollm2_dir}}}]",
+        "perplexity.max_tokens=256", "perplexity.max_length=128", "perplexity.stride=96",
+        "math.limit=2", "math.shots=2", "math.fewshot_paths=[]", "math.max_new_tokens=40",
+        "mmlu.subjects=[world_religions, high_school_geography]", "mmlu.per_subject_limit=3",
+        "mmlu.shots=[0, 2]", "runtime.device=cpu")
     assert s["outcome"] == "ok" and s["command"].startswith("OMP_NUM_THREADS=1 python scripts/09_eval.py")
     m = s["models"]["base"]
     assert m["params"] == 134_515_008 and m["device"] == "cpu" and m["dtype"] == "float32"

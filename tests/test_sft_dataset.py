@@ -14,6 +14,7 @@ from forgelab.runs import PROJECT_ROOT, Run
 
 DATA = PROJECT_ROOT / "tests" / "data"
 DEFAULT = PROJECT_ROOT / "configs" / "data" / "sft.yaml"
+VAL_FRACTION = cfg.load(SFTDataConfig, [DEFAULT]).val_fraction  # the default config's share
 
 
 def read_jsonl(path):
@@ -40,7 +41,7 @@ def test_default_asdiv_alpaca_with_columns(tmp_path, raw_data):
     assert s["sources"]["asdiv"]["records"] == len(raw) == 2305
     assert s["duplicates"] == 1 and s["bad_records"] == 0  # ASDiv holds one exact duplicate
     assert len(train) + len(val) == 2304
-    assert 0.03 < len(val) / 2304 < 0.07
+    assert abs(len(val) / 2304 - VAL_FRACTION) < 0.02  # a hash split: near the configured share
     assert s["sources"]["gsm8k"]["status"] == "missing (optional, skipped)"
     by_content = {(r["messages"][0]["content"], r["messages"][1]["content"]) for r in train + val}
     for rec in raw[:50]:  # user = passage then question (user_template), assistant = answer
@@ -170,9 +171,9 @@ def test_split_is_stable_when_data_is_added(tmp_path, raw_data):
     for split in (1, 2):
         assert {r["id"] for r in small[split]} <= {r["id"] for r in bigger[split]}
     for r in small[1]:
-        assert not is_val(r["id"], 42, 0.05)
+        assert not is_val(r["id"], 42, VAL_FRACTION)
     for r in small[2]:
-        assert is_val(r["id"], 42, 0.05)
+        assert is_val(r["id"], 42, VAL_FRACTION)
 
 
 def test_gsm8k_from_the_shared_file(tmp_path, gsm8k_train):

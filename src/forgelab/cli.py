@@ -15,6 +15,7 @@ SCHEMAS = {
     "manifest": "forgelab.data.download:ManifestConfig",
     "corpus": "forgelab.data.corpus:CorpusConfig",
     "sft_data": "forgelab.data.sft_dataset:SFTDataConfig",
+    "pref_data": "forgelab.data.pref_dataset:PrefDataConfig",
     "tokenize_cpt": "forgelab.data.tokenize_cpt:TokenizeCPTConfig",
     "bench_slice": "forgelab.data.bench_slice:BenchSliceConfig",
     "tokenize_sft": "forgelab.data.tokenize_sft:TokenizeSFTConfig",
@@ -24,6 +25,7 @@ SCHEMAS = {
     "eval": "forgelab.eval.config:EvalConfig",
     "serve": "forgelab.serve.config:ServeConfig",
     "bench_serving": "forgelab.serve.bench_config:BenchServingConfig",
+    "pairs": "forgelab.align.pairs:PairsConfig",
 }
 
 
@@ -51,6 +53,21 @@ def load_config(schema_cls: type, args: argparse.Namespace) -> Any:
     paths = args.config or ([args._default_config] if args._default_config else [])
     from .runs import project_path
     return cfg.load(schema_cls, [project_path(p) for p in paths], args.overrides)
+
+
+def command_line(env_keys: tuple[str, ...] = ("OMP_NUM_THREADS",)) -> str:
+    """The command as typed from the project root (with the environment that shapes its numbers),
+    for the record next to every number."""
+    import os
+    import shlex
+    from .runs import PROJECT_ROOT, project_path
+    script = sys.argv[0]
+    try:
+        script = str(project_path(script).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        pass
+    env = " ".join(f"{k}={os.environ[k]}" for k in env_keys if k in os.environ)
+    return (env + " " if env else "") + shlex.join(["python", script] + sys.argv[1:])
 
 
 def interrupt_on_sigterm() -> None:

@@ -146,3 +146,16 @@ def read_jsonl(path: str | Path, *, bad: str = "raise", error: type[Exception] =
         return out
     out.records = [rec for _, rec in iter_jsonl(path, bad=bad, error=error, bad_lines=out.bad)]
     return out
+
+
+def cut_torn_tail(path: str | Path, log=None) -> int:
+    """Truncate an append-only file after its last newline, before appending to it again: a
+    process killed mid-write leaves a partial last line. Returns the bytes cut."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            if log:
+                log.warning("%s: cutting a torn last line of %d bytes", path, len(data) - end)
+            f.truncate(end)
+    return len(data) - end

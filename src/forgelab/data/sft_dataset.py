@@ -90,27 +90,36 @@ class SFTDataConfig:
         for name, src in self.sources.items():  # a wrong path fails here, before any data is read
             load_components("preprocessor", src.preprocess, f"sources.{name}.preprocess")
         load_components("filter", self.keep, "keep")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"key 'val_fraction': {self.val_fraction} not in [0, 1)")
-        if not self.sources:
-            raise ConfigError("key 'sources': no sources defined")
-        for item in self.use:
-            m = USE_RE.match(item)
-            if not m:
-                raise ConfigError(f"key 'use': {item!r} is not 'name' or 'name#N'")
-            if m.group(1) not in self.sources:
-                raise ConfigError(f"key 'use': no source named {m.group(1)!r} "
-                                  f"(sources: {', '.join(self.sources)})")
-            if m.group(2) is not None and int(m.group(2)) <= 0:
-                raise ConfigError(f"key 'use': {item!r}: N must be positive")
+        check_selection(self.use, self.sources, self.val_fraction)
 
     def selection(self) -> list[tuple[str, int | None]]:
-        items = self.use or list(self.sources)
-        out = []
-        for item in items:
-            m = USE_RE.match(item)
-            out.append((m.group(1), int(m.group(2)) if m.group(2) else None))
-        return out
+        return selection(self.use, self.sources)
+
+
+def check_selection(use: list[str], sources: dict, val_fraction: float) -> None:
+    """The keys every data stage with named sources shares: val_fraction, sources, use."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"key 'val_fraction': {val_fraction} not in [0, 1)")
+    if not sources:
+        raise ConfigError("key 'sources': no sources defined")
+    for item in use:
+        m = USE_RE.match(item)
+        if not m:
+            raise ConfigError(f"key 'use': {item!r} is not 'name' or 'name#N'")
+        if m.group(1) not in sources:
+            raise ConfigError(f"key 'use': no source named {m.group(1)!r} "
+                              f"(sources: {', '.join(sources)})")
+        if m.group(2) is not None and int(m.group(2)) <= 0:
+            raise ConfigError(f"key 'use': {item!r}: N must be positive")
+
+
+def selection(use: list[str], sources: dict) -> list[tuple[str, int | None]]:
+    """(source name, N or None for all) for each 'name' / 'name#N' of use (all sources when empty)."""
+    out = []
+    for item in use or list(sources):
+        m = USE_RE.match(item)
+        out.append((m.group(1), int(m.group(2)) if m.group(2) else None))
+    return out
 
 
 def record_id(messages: list[dict], tools: list | None) -> str:

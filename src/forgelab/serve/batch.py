@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..jsonl import BadLine, iter_jsonl
+from ..jsonl import BadLine, cut_torn_tail, iter_jsonl
 from ..runs import atomic_write_text
 from .client import Endpoint, RequestError, chat_once
 
@@ -61,13 +61,7 @@ def done_ids(path: Path, log=None) -> set[str]:
     """Ids already answered in an output file; a torn last line (killed mid-write) is cut off."""
     if not path.exists():
         return set()
-    with open(path, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            if log:
-                log.warning("%s: cutting a torn last line of %d bytes", path, len(data) - end)
-            f.truncate(end)
+    cut_torn_tail(path, log)
     ids = set()
     for n, rec in iter_jsonl(path, bad="keep", error=BatchError):
         if not isinstance(rec, dict) or "id" not in rec:
