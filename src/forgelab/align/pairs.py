@@ -216,16 +216,9 @@ def append(f, rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- run
 
-class _Conf:
-    """What the eval's generator factory reads of a config: generation and runtime."""
-
-    def __init__(self, conf: PairsConfig):
-        self.generation, self.runtime = conf.generation, conf.runtime
-
-
 def _generator(conf: PairsConfig, stack: contextlib.ExitStack, log):
     """The sampler and the tokenizer: the model in this process, or a server the eval's way."""
-    from ..eval.runner import _Generators
+    from ..eval.generation import Generators
     spec = ModelSpec(name="pairs", path=conf.model)
     lm = None
     if conf.generation.backend == "inprocess":
@@ -235,7 +228,7 @@ def _generator(conf: PairsConfig, stack: contextlib.ExitStack, log):
     else:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(project_path(conf.model))
-    gens = _Generators(_Conf(conf), spec, lm, stack, log)
+    gens = Generators(conf.generation, conf.runtime, spec, lm, stack, log)
     return gens, tok
 
 

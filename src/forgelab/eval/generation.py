@@ -6,6 +6,8 @@ and tokenized here, once. The in-process path decodes in batches behind a shared
 the served path sends those prompts to the server's /v1/completions endpoint with greedy settings
 (vLLM gets the token ids themselves; `transformers serve` gets the rendered text, and its prompt
 token count is checked against ours), many requests at once so the server batches them.
+`Generators` picks one for a model, starting (and with its with-block stopping) the server when
+the first generation needs it; the eval runner and the pair builder both use it.
 
 Without a `Sampling`, `generate` returns one greedy completion per prompt (a dict); with one, a
 list of `n` sampled completions per prompt. Sampling is reproducible for a seed: in-process each
@@ -17,12 +19,16 @@ not depend on which requests the server happened to batch together (unless
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from ..runs import project_path
 from .prefix import batch_inputs, build_prefix, common_prefix_len
 from .runtime import Batcher, LoadedModel, auto_batch_size, empty_cache_fn
 
@@ -160,20 +166,14 @@ class ServedGenerator:
         self.batch_size = None  # the server batches; reported for symmetry with in-process
 
     def body(self, prompt: Prompt, max_new_tokens: int, sample: dict | None = None) -> dict:
-        """The request; `sample` (n, temperature, top_p, seed) replaces the greedy settings."""
+        """The request: greedy, unless `sample` (temperature, top_p, n, seed) says otherwise."""
         b = {"model": self.ep.model, "max_tokens": max_new_tokens, "temperature": 0.0, "stream": False}
-        if sample is not None:
-            b.update(sample)
-            if self.backend == "vllm":
-                b.update(prompt=prompt.ids, top_k=-1, repetition_penalty=1.0, skip_special_tokens=True)
-            else:
-                b["prompt"] = prompt.text
-            return b
         if self.backend == "vllm":
-            # the exact token ids; nothing from the model's generation_config may change greedy decoding
+            # the exact token ids; nothing from the model's generation_config may change the decoding
             b.update(prompt=prompt.ids, top_p=1.0, top_k=-1, repetition_penalty=1.0, skip_special_tokens=True)
         else:
-            b["prompt"] = prompt.text  # transformers serve tokenizes text; its count is checked below
+            b["prompt"] = prompt.text  # transformers serve tokenizes text; its count is checked in _parse
+        b.update(sample or {})
         return b
 
     def one(self, prompt: Prompt, max_new_tokens: int) -> dict:
@@ -183,14 +183,15 @@ class ServedGenerator:
     def _post(self, body: dict) -> dict:
         from ..serve.client import RequestError, request
 
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return request(self.ep, "POST", "completions", body, timeout=self.timeout_s)
             except RequestError as e:
                 if attempt == self.retries or not e.retryable:
                     raise GenerationError(f"{self.backend} server at {self.ep.base_url}: {e}") from e
-                time.sleep(1.0 + attempt)
-        raise AssertionError("unreachable")
+            time.sleep(1.0 + attempt)
+            attempt += 1
 
     def sample(self, prompt: Prompt, max_new_tokens: int, sampling: Sampling, index: int) -> list[dict]:
         """n sampled completions of prompt number `index` (its seed derives from it)."""
@@ -231,3 +232,80 @@ class ServedGenerator:
             for _ in as_completed(futures):
                 bar.update(1)
         return [f.result() for f in futures]
+
+
+# ----------------------------------------------------------------------------- the factory
+
+# A server started for eval is sized for many short greedy requests at once; the user's
+# generation.serve_overrides come after these and win.
+EVAL_SERVE_DEFAULTS = {
+    # one process (no engine-core process beside the API server): on a 2-core CPU this ran the
+    # math eval 1.6x faster and started 12 s sooner (reports/eval_throughput.md)
+    "vllm": ["vllm.max_num_seqs=128", "vllm.kv_cache_memory_bytes=1073741824",
+             "vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}",
+             "vllm.extra_args=[--distributed-executor-backend, uni]"],
+    "transformers": ["transformers.continuous_batching=true", "transformers.cb_num_blocks=64"],
+}
+
+
+class Generators:
+    """The generator of one model's generation tasks: in-process, a running server the model
+    spec names, or a server of the lab started for this model when its first generation task
+    comes (an idle vLLM engine on CPU busy-waits, so not earlier) and stopped with the model
+    (the with-block)."""
+
+    def __init__(self, generation, runtime, spec, lm, stack: contextlib.ExitStack, log):
+        """generation, runtime: the eval config's sections of those names; lm: the model loaded
+        here (None when every generation goes through a server)."""
+        self.generation, self.runtime = generation, runtime
+        self.spec, self.lm, self.stack, self.log = spec, lm, stack, log
+        self.gen = None
+        self.info: dict = {"backend": "inprocess"}
+
+    @property
+    def serves(self) -> bool:
+        """This model's generation goes through a server started here."""
+        return not self.spec.server and self.generation.backend != "inprocess"
+
+    def get(self):
+        if self.gen is None:
+            self.gen = self._make()
+        return self.gen
+
+    def _make(self):
+        from ..serve import server
+        g = self.generation
+        if self.spec.server:
+            state = server.load_state(self.spec.server)
+            if not state or state.get("status") != "running":
+                raise server.ServeError(f"models[{self.spec.name}].server: no running server named "
+                                        f"{self.spec.server!r} (scripts/10_serve.sh status)")
+            ep = server.resolve_endpoint(server=self.spec.server)
+            self.info = {"backend": state["backend"], "server": self.spec.server, "url": state["url"],
+                         "started_here": False}
+            return ServedGenerator(ep, state["backend"], g.concurrency, g.timeout_s)
+        if g.backend == "inprocess":
+            return InProcessGenerator(self.lm, self.runtime)
+        conf = serve_config(g, self.spec)
+        self.log.info("%s: starting a %s server for generation (%s)", self.spec.name, g.backend,
+                      conf.server_name)
+        # stopped when the model's with-block ends (errors and SIGTERM included)
+        state = self.stack.enter_context(server.running(conf, progress=sys.stderr.isatty()))
+        self.info = {"backend": g.backend, "url": state["url"], "started_here": True,
+                     "startup_seconds": state.get("startup_seconds"), "command": state["command"],
+                     "threads": conf.threads}
+        return ServedGenerator(server.endpoint_from_state(state, conf.resolved_api_key()), g.backend,
+                               g.concurrency, g.timeout_s)
+
+
+def serve_config(g, spec):
+    """The serve config of the server started for one model's generation (g: a generation
+    config section)."""
+    from .. import config as cfg
+    from ..serve import server
+    from ..serve.config import ServeConfig
+    path = g.serve_config or f"configs/serve/{g.backend}.yaml"
+    threads = g.server_threads or os.cpu_count() or 1
+    return cfg.load(ServeConfig, [project_path(path)],
+                    [*EVAL_SERVE_DEFAULTS[g.backend], *g.serve_overrides, f"model={spec.path}", f"port={server.free_port()}",
+                     f"name=eval-{spec.name}-{os.getpid()}", f"threads={threads}"])

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -19,80 +17,10 @@ from . import choice, code, gsm, lm_eval_backend, mmlu
 from . import perplexity as ppl
 from .config import EvalConfig
 from .data import load_texts
-from .generation import InProcessGenerator, ServedGenerator
+from .generation import Generators
 from .runtime import load_model
 
 GENERATION_TASKS = ("math", "code")
-# A server started for eval is sized for many short greedy requests at once; the user's
-# generation.serve_overrides come after these and win.
-EVAL_SERVE_DEFAULTS = {
-    # one process (no engine-core process beside the API server): on a 2-core CPU this ran the
-    # math eval 1.6x faster and started 12 s sooner (reports/eval_throughput.md)
-    "vllm": ["vllm.max_num_seqs=128", "vllm.kv_cache_memory_bytes=1073741824",
-             "vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}",
-             "vllm.extra_args=[--distributed-executor-backend, uni]"],
-    "transformers": ["transformers.continuous_batching=true", "transformers.cb_num_blocks=64"],
-}
-
-
-class _Generators:
-    """The generator of one model's generation tasks: in-process, a running server the model
-    spec names, or a server of the lab started for this model when its first generation task
-    comes (an idle vLLM engine on CPU busy-waits, so not earlier) and stopped with the model
-    (the with-block)."""
-
-    def __init__(self, conf: EvalConfig, spec, lm, stack: contextlib.ExitStack, log):
-        self.conf, self.spec, self.lm, self.stack, self.log = conf, spec, lm, stack, log
-        self.gen = None
-        self.info: dict = {"backend": "inprocess"}
-
-    @property
-    def serves(self) -> bool:
-        """This model's generation goes through a server started here."""
-        return not self.spec.server and self.conf.generation.backend != "inprocess"
-
-    def get(self):
-        if self.gen is None:
-            self.gen = self._make()
-        return self.gen
-
-    def _make(self):
-        from ..serve import server
-        g = self.conf.generation
-        if self.spec.server:
-            state = server.load_state(self.spec.server)
-            if not state or state.get("status") != "running":
-                raise server.ServeError(f"models[{self.spec.name}].server: no running server named "
-                                        f"{self.spec.server!r} (scripts/10_serve.sh status)")
-            ep = server.resolve_endpoint(server=self.spec.server)
-            self.info = {"backend": state["backend"], "server": self.spec.server, "url": state["url"],
-                         "started_here": False}
-            return ServedGenerator(ep, state["backend"], g.concurrency, g.timeout_s)
-        if g.backend == "inprocess":
-            return InProcessGenerator(self.lm, self.conf.runtime)
-        conf = serve_config(self.conf, self.spec)
-        self.log.info("%s: starting a %s server for generation (%s)", self.spec.name, g.backend,
-                      conf.server_name)
-        # stopped when the model's with-block ends (errors and SIGTERM included)
-        state = self.stack.enter_context(server.running(conf, progress=sys.stderr.isatty()))
-        self.info = {"backend": g.backend, "url": state["url"], "started_here": True,
-                     "startup_seconds": state.get("startup_seconds"), "command": state["command"],
-                     "threads": conf.threads}
-        return ServedGenerator(server.endpoint_from_state(state, conf.resolved_api_key()), g.backend,
-                               g.concurrency, g.timeout_s)
-
-
-def serve_config(conf: EvalConfig, spec):
-    """The serve config of the server started for one model's generation tasks."""
-    from .. import config as cfg
-    from ..serve import server
-    from ..serve.config import ServeConfig
-    g = conf.generation
-    path = g.serve_config or f"configs/serve/{g.backend}.yaml"
-    threads = g.server_threads or os.cpu_count() or 1
-    return cfg.load(ServeConfig, [project_path(path)],
-                    [*EVAL_SERVE_DEFAULTS[g.backend], *g.serve_overrides, f"model={spec.path}", f"port={server.free_port()}",
-                     f"name=eval-{spec.name}-{os.getpid()}", f"threads={threads}"])
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -235,7 +163,7 @@ def evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log) -> di
 def _evaluate_model(conf: EvalConfig, spec, prep: dict, out_dir: Path, log, stack) -> dict:
     t0 = time.time()
     lm = load_model(spec.name, spec.path, conf.runtime)
-    gens = _Generators(conf, spec, lm, stack, log)
+    gens = Generators(conf.generation, conf.runtime, spec, lm, stack, log)
     info = {"path": spec.path, "device": lm.device, "dtype": lm.dtype,
             "params": sum(t.numel() for t in lm.model.parameters()),
             "tokenizer_fingerprint": tokenizer_fingerprint(lm.path),

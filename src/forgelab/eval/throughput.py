@@ -10,7 +10,7 @@ import time
 
 from . import gsm
 from .config import EvalConfig
-from .generation import InProcessGenerator, ServedGenerator
+from .generation import InProcessGenerator, ServedGenerator, serve_config
 from .runtime import load_model
 
 PATHS = ("inprocess:1", "inprocess:2", "vllm", "transformers")
@@ -26,10 +26,7 @@ def parse_path(p: str) -> tuple[str, int]:
 
 def _served(conf: EvalConfig, spec, kind: str, threads: int, prep: dict, ds, lm, log) -> tuple[dict, dict]:
     from ..serve import server
-    from .runner import serve_config
-    c = dataclasses.replace(conf, generation=dataclasses.replace(conf.generation, backend=kind,
-                                                                 server_threads=threads))
-    sconf = serve_config(c, spec)
+    sconf = serve_config(dataclasses.replace(conf.generation, backend=kind, server_threads=threads), spec)
     t0 = time.time()
     with server.running(sconf, progress=False) as state:
         startup = time.time() - t0
