@@ -145,13 +145,20 @@ def _metric_name(key: str) -> str:
     return metric if filt in ("", "none") else key
 
 
+def newest_output(out_dir: Path, pattern: str) -> Path:
+    """The newest file lm-eval wrote under out_dir matching pattern (results_*.json,
+    samples_<task>_*.jsonl: it nests them in a folder named after the model)."""
+    files = sorted(out_dir.rglob(pattern), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"lm-eval wrote no {pattern} under {out_dir}")
+    return files[-1]
+
+
 def read_results(out_dir: Path) -> dict:
     """{tasks: {task: {metric: value, "n": samples}}, higher_is_better, results_file} from the
-    newest results_*.json lm-eval wrote under out_dir (it adds a folder named after the model)."""
-    files = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"lm-eval wrote no results_*.json under {out_dir}")
-    res = json.loads(files[-1].read_text(encoding="utf-8"))
+    newest results_*.json lm-eval wrote under out_dir."""
+    results_file = newest_output(out_dir, "results_*.json")
+    res = json.loads(results_file.read_text(encoding="utf-8"))
     n_samples = {t: v.get("effective", v.get("original")) for t, v in res.get("n-samples", {}).items()}
     tasks, better = {}, {}
     for task, metrics in res["results"].items():
@@ -162,7 +169,7 @@ def read_results(out_dir: Path) -> dict:
         n = n_samples.get(task) or sum(n_samples.get(t, 0) for t in res.get("group_subtasks", {}).get(task, []))
         tasks[task] = {**vals, "n": n}
         better[task] = {_metric_name(k): v for k, v in res.get("higher_is_better", {}).get(task, {}).items()}
-    return {"tasks": tasks, "higher_is_better": better, "results_file": files[-1]}
+    return {"tasks": tasks, "higher_is_better": better, "results_file": results_file}
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from ..jsonl import iter_jsonl
 from ..report.render import Report
 from ..runs import PROJECT_ROOT, atomic_write_text
 from .data import LETTERS
-from .lm_eval_backend import OFFLINE_ENV, run_command
+from .lm_eval_backend import OFFLINE_ENV, newest_output, run_command
 from .mmlu import build_prompt
 
 TASK_PREFIX = "forgelab_mmlu_"
@@ -102,18 +102,13 @@ def run_lm_eval(cmd: list[str], log_path: Path, threads: int) -> float:
 
 def read_lm_eval(out_dir: Path, tasks: list[str]) -> dict:
     """task -> {acc, n, samples: doc_id -> {prompt, logliks}} from lm-eval's output folder."""
-    results_files = sorted(out_dir.rglob("results_*.json"))
-    if not results_files:
-        raise FileNotFoundError(f"no lm-eval results_*.json under {out_dir}")
-    res = json.loads(results_files[-1].read_text(encoding="utf-8"))
+    results_file = newest_output(out_dir, "results_*.json")
+    res = json.loads(results_file.read_text(encoding="utf-8"))
     out = {}
     for t in tasks:
         acc = res["results"][t]["acc,none"]
-        sample_files = sorted(out_dir.rglob(f"samples_{t}_*.jsonl"))
-        if not sample_files:
-            raise FileNotFoundError(f"no lm-eval samples for {t} under {out_dir}")
         samples = {}
-        for _, s in iter_jsonl(sample_files[-1]):
+        for _, s in iter_jsonl(newest_output(out_dir, f"samples_{t}_*.jsonl")):
             args = s["arguments"]
             pairs = [tuple(a.values()) if isinstance(a, dict) else tuple(a)
                      for a in (args.values() if isinstance(args, dict) else args)]
@@ -123,7 +118,7 @@ def read_lm_eval(out_dir: Path, tasks: list[str]) -> dict:
         out[t] = {"acc": float(acc), "n": len(samples), "samples": samples}
     return {"tasks": out, "versions": res.get("versions", {}), "config": res.get("config", {}),
             "lm_eval_version": res.get("lm_eval_version") or res.get("config", {}).get("lm_eval_version"),
-            "results_file": str(results_files[-1])}
+            "results_file": str(results_file)}
 
 
 def compare(selection: dict, shots: int, ours: dict, theirs: dict) -> dict:
@@ -352,13 +347,9 @@ def write_math_task(name: str, problems: list[dict], max_new_tokens: int, task_d
 def read_math_samples(out_dir: Path, task: str) -> dict:
     """{exact_match, flexible_extract (lm-eval's aggregates), samples: doc_id -> {prompt, text,
     exact_match, flexible_extract}} of one math task."""
-    results_files = sorted(out_dir.rglob("results_*.json"))
-    sample_files = sorted(out_dir.rglob(f"samples_{task}_*.jsonl"))
-    if not results_files or not sample_files:
-        raise FileNotFoundError(f"no lm-eval results/samples for {task} under {out_dir}")
-    res = json.loads(results_files[-1].read_text(encoding="utf-8"))["results"][task]
+    res = json.loads(newest_output(out_dir, "results_*.json").read_text(encoding="utf-8"))["results"][task]
     samples = {}
-    for _, s in iter_jsonl(sample_files[-1]):
+    for _, s in iter_jsonl(newest_output(out_dir, f"samples_{task}_*.jsonl")):
         args = s["arguments"]["gen_args_0"]
         samples[int(s["doc_id"])] = {"prompt": args["arg_0"], "text": s["filtered_resps"][0],
                                      "exact_match": float(s["exact_match"]),
