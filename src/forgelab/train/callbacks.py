@@ -36,6 +36,10 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     return len(kept)
 
 
+# keys of the Trainer's own per-step log; anything else a method logged goes into the record too
+_TRAINER_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen", "total_flos"}
+
+
 class MetricsCallback(TrainerCallback):
     """One line per optimizer step in metrics.jsonl and the same scalars in TensorBoard.
 
@@ -132,6 +136,11 @@ class MetricsCallback(TrainerCallback):
                "mfu": mfu(tps, self.fpt, self.peak, self.world), "step_time_s": dt,
                "elapsed_s": now - self.t0, "time": time.time(), "epoch": state.epoch}
         rec.update(memory_now(self.on_cuda))
+        # what the method logs besides the loss (TRL: rewards/margins, rewards/accuracies, kl, reward,
+        # completions/mean_length, ...), under its own names
+        extra = {k: v for k, v in logs.items() if k not in _TRAINER_KEYS and isinstance(v, (int, float))}
+        for k, v in extra.items():
+            rec[k if k not in rec else f"method/{k}"] = v
         self.records.append(rec)
         if self.is_main:
             self._fh.write(json.dumps(rec) + "\n")
@@ -144,6 +153,8 @@ class MetricsCallback(TrainerCallback):
                 for k in ("mem_allocated", "mem_reserved", "mem_max_allocated", "rss"):
                     if k in rec:
                         self.writer.add_scalar(f"memory/{k}", rec[k], s)
+                for k, v in extra.items():
+                    self.writer.add_scalar(f"method/{k}", v, s)
         self.t_prev = time.perf_counter()
 
 

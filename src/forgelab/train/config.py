@@ -60,6 +60,45 @@ class LoraSection:
 
 
 @dataclass
+class AlignSection:
+    mode: Literal["lora", "full"] = field("lora", help="dpo/orpo/simpo/kto/grpo: LoRA adapters (lora.*) or every "
+                                                       "weight (the --task <method>_full configs set full)")
+    beta: float = field(0.1, help="dpo/kto: KL strength to the reference; orpo: odds-ratio weight (lambda); "
+                                  "simpo: reward scale; grpo: KL coefficient (0 = no reference model)")
+    loss_type: list[str] = field(["sigmoid"], help="dpo: TRL loss variants, e.g. [sigmoid], [ipo], [hinge], "
+                                                   "[sigmoid, sft] (summed with loss_weights)")
+    loss_weights: Optional[list[float]] = field(None, help="dpo: one weight per loss_type (null = 1 each)")
+    label_smoothing: float = field(0.0, help="dpo (sigmoid, robust) / simpo: label smoothing of the preference")
+    max_length: int = field(512, help="prompt + answer tokens kept per sequence (longer ones are truncated)")
+    precompute_ref_log_probs: bool = field(False, help="dpo/kto: the reference log-probs once over the data before "
+                                                       "training (no reference forward per step)")
+    simpo_gamma: float = field(0.5, help="simpo: target reward margin")
+    cpo_alpha: float = field(0.0, help="simpo: weight of the SFT (NLL) term on the chosen answer (0 = pure SimPO)")
+    desirable_weight: float = field(1.0, help="kto: weight of good (label true) examples")
+    undesirable_weight: float = field(1.0, help="kto: weight of bad (label false) examples")
+    rewards: list[str] = field(["forgelab.align.rewards:math_exact_match", "forgelab.align.rewards:answer_format"],
+                               help="grpo: reward components (module:function, docs/components.md 'reward'); the "
+                                    "shipped ones: math_exact_match, answer_format, length_penalty")
+    reward_weights: Optional[list[float]] = field(None, help="grpo: one weight per reward (null = 1 each)")
+    advantage: Literal["group", "group_mean", "batch"] = field(
+        "group", help="grpo advantage estimator: group = (r - group mean) / group std (GRPO); group_mean = r - group "
+                      "mean (Dr. GRPO, no std scaling); batch = group mean removed, scaled by the batch std")
+    grpo_loss: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = field(
+        "dapo", help="grpo: how token losses are averaged (TRL loss_type)")
+    num_generations: int = field(4, help="grpo: answers sampled per prompt (the group)")
+    max_completion_length: int = field(48, help="grpo: new tokens per sampled answer")
+    temperature: float = field(1.0, help="grpo: sampling temperature")
+    top_p: float = field(1.0, help="grpo: nucleus sampling")
+    epsilon: float = field(0.2, help="grpo: PPO-style clip range of the importance ratio")
+    num_iterations: int = field(1, help="grpo: optimizer passes over each generated batch")
+    use_vllm: bool = field(False, help="grpo: generate with vLLM (needs CUDA: TRL syncs weights over NCCL); "
+                                       "else transformers generate")
+    vllm_mode: Literal["colocate", "server"] = field("colocate", help="grpo + use_vllm: in this process, or a "
+                                                                      "`trl vllm-serve` server")
+    vllm_gpu_memory_utilization: float = field(0.3, help="grpo + use_vllm colocate: GPU memory share for vLLM")
+
+
+@dataclass
 class OptimSection:
     lr: float = field(3e-4, help="peak learning rate")
     min_lr_ratio: float = field(0.1, help="cosine floor as a fraction of lr (scheduler cosine_with_min_lr)")
@@ -208,7 +247,8 @@ class TrainConfig:
     model: ModelSection = field(ModelSection, help="what to train")
     data: DataSection = field(DataSection, help="tokenized data")
     sft: SFTSection = field(SFTSection, help="SFT mode")
-    lora: LoraSection = field(LoraSection, help="LoRA adapter settings (sft.mode = lora)")
+    lora: LoraSection = field(LoraSection, help="LoRA adapter settings (sft.mode or align.mode = lora)")
+    align: AlignSection = field(AlignSection, help="alignment methods after SFT (dpo, orpo, simpo, kto, grpo)")
     optim: OptimSection = field(OptimSection, help="AdamW and the learning-rate schedule")
     steps: StepsSection = field(StepsSection, help="batching and length")
     runtime: RuntimeSection = field(RuntimeSection, help="precision and speed knobs")

@@ -109,6 +109,25 @@ class SFTCollator:
         return batch
 
 
+class CountingCollator:
+    """Around a collator that does not count (TRL's): real tokens are the ones its attention
+    masks keep (every ``*attention_mask`` of the batch: chosen and rejected, KTO's KL pass),
+    slots the masks' sizes. Batches that are not tensors (GRPO's prompt lists) pass unchanged;
+    GRPO counts what it generates itself."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        if isinstance(batch, dict):
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
+            if masks:
+                batch[TOKENS_KEY] = int(sum(int(m.sum()) for m in masks))
+                batch[SLOTS_KEY] = int(sum(m.numel() for m in masks))
+        return batch
+
+
 def attention_span(info: DataInfo) -> float:
     """Mean number of keys a token's attention covers, for the FLOP formula's attention term.
 

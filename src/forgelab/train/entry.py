@@ -36,6 +36,7 @@ from ..runs import project_path, read_json, runs_dir, write_json
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataInfo, inspect
+from .text_data import KINDS as TEXT_KINDS, inspect_text
 from .run_dir import RUN_OUTPUTS
 
 # the driver's own lines; inside a run, forgelab.runs.Run sets up logging for the "forgelab" tree
@@ -134,10 +135,16 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
     run_name = run_name or conf.resolved_run_name()
     run_dir = runs_root() / run_name
     kind = conf.method.data_kind
-    train = inspect(project_path(conf.data.train), kind, conf.data.max_train_items, "data.train", conf.task)
+    if kind in TEXT_KINDS:  # text records that TRL tokenizes with the model's chat template
+        def look(path, n, what):
+            return inspect_text(project_path(path), kind, n, conf.align.max_length, what, conf.task)
+    else:
+        def look(path, n, what):
+            return inspect(project_path(path), kind, n, what, conf.task)
+    train = look(conf.data.train, conf.data.max_train_items, "data.train")
     ev = None
     if conf.data.eval:
-        ev = inspect(project_path(conf.data.eval), kind, conf.eval.max_items, "data.eval", conf.task)
+        ev = look(conf.data.eval, conf.eval.max_items, "data.eval")
         if ev.seq_len != train.seq_len:
             notices.append(f"held-out seq_len {ev.seq_len} differs from train seq_len {train.seq_len}")
 
@@ -168,6 +175,8 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
         if info is None:
             continue
         data_fp = info.tokenizer_fingerprint
+        if info.kind in TEXT_KINDS:
+            continue  # tokenized by this run, with this tokenizer
         if data_fp != tok_fp:
             msg = (f"key '{key}': {info.path} was tokenized with tokenizer {data_fp}, but the model's tokenizer "
                    f"({tok_dir}) is {tok_fp}")

@@ -22,6 +22,10 @@ LoRA (sft lora), per token, counting only the work that runs:
   gradient; adapters (N_lora trainable parameters) cost all three (6); attention is unchanged
   because gradients flow back through every layer to the first adapter.
 
+Alignment (dpo, kto) adds the reference model's forward per token, 2 * (N_nonemb + N_head) +
+4 * L * A * S, unless its log-probs were precomputed; grpo adds the generation forward of its
+sampled answers (train/methods/grpo.py says how it is counted).
+
   MFU = tokens_per_s * flops_per_token / (peak_flops_per_device * devices)
 
 Activation recomputation (gradient checkpointing) is not counted: MFU measures useful model
@@ -98,6 +102,12 @@ def flops_per_token(c: ModelCounts, span: float, lora: bool = False) -> float:
     if lora:
         return 4.0 * (c.non_embedding_params + c.head_params) + 6.0 * c.lora_params + attn
     return 6.0 * (c.non_embedding_params + c.head_params) + attn
+
+
+def forward_flops_per_token(c: ModelCounts, span: float) -> float:
+    """One forward pass of the frozen model (a reference model's log-probs, or generation):
+    2 * (N_nonemb + N_head) + 4 * L * A * S."""
+    return 2.0 * (c.non_embedding_params + c.head_params) + 4.0 * c.layers * c.attention_width * span
 
 
 def peak_flops(configured: float | None, device_name: str | None, precision: str) -> tuple[float | None, str]:

@@ -1,4 +1,5 @@
-"""The transformers TrainingArguments of a run, built from the lab's config and the resolved
+"""The transformers TrainingArguments of a run (or the method's subclass of them, e.g. TRL's
+DPOConfig, with the method's own fields), built from the lab's config and the resolved
 runtime. Creating them starts the process group (torchrun / DeepSpeed ranks), so this runs
 before the model loads; the DeepSpeed config is the file the backend names, with the one
 change the lab needs (the Trainer's torch AdamW steps ZeRO-offloaded master weights)."""
@@ -62,7 +63,12 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         ddp_bucket_cap_mb=conf.dist.bucket_cap_mb, ddp_timeout=conf.dist.timeout_s,
         deepspeed=ds, fsdp=True if fsdp else None, fsdp_config=fsdp_config,
     )
-    args = TrainingArguments(**kw)
+    method = conf.method
+    extra = method.trl_args(conf)
+    args_cls = method.args_class()
+    if not issubclass(args_cls, TrainingArguments):
+        raise TypeError(f"{args_cls.__name__} is not a TrainingArguments subclass")
+    args = args_cls(**kw, **extra)
     _ = args.device  # starts the process group now, before the model loads
     if on_cuda:
         # transformers sets TF32 through the new per-backend API only; inductor's matmul autotuning

@@ -41,9 +41,16 @@ def check(trainer_cls: type = Trainer) -> list[str]:
         got = tuple(inspect.signature(fn).parameters)
         if got != params:
             problems.append(f"transformers.Trainer.{name}{got} no longer takes {params}")
-    save = getattr(trainer_cls, "_save_checkpoint", None)
+    save = getattr(Trainer, "_save_checkpoint", None)
     if save is not None and "self._get_output_dir(" not in inspect.getsource(save):
         problems.append("transformers.Trainer._save_checkpoint no longer asks _get_output_dir for its directory")
+    # a subclass between the lab's mixins and Trainer (TRL's trainers) must hand both on to Trainer
+    for cls in trainer_cls.__mro__:
+        if cls is Trainer or not issubclass(cls, Trainer) or cls.__module__.startswith("forgelab."):
+            continue
+        for name in PRIVATE:
+            if name in vars(cls) and f"super().{name}(" not in inspect.getsource(vars(cls)[name]):
+                problems.append(f"{cls.__module__}.{cls.__name__}.{name} no longer calls Trainer's")
     return problems
 
 

@@ -64,3 +64,25 @@ def build_model(pre, mc, on_cuda: bool, notices: list[str]):
                                                      attn_implementation=attn)
     model.config.use_cache = False  # no KV cache while training
     return conf.method.prepare_model(model, conf)  # which parameters train
+
+
+def build_reference(pre, mc, on_cuda: bool):
+    """The frozen reference model of a full-weight alignment run: the starting model again (a
+    random-init benchmark shape: the same seed gives the same weights), in eval mode."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from ..runs import project_path
+    conf = pre.conf
+    attn = choose_attn(conf.model.attn_implementation, on_cuda, [])
+    if conf.random_init:
+        set_seed(conf.model.init_seed if conf.model.init_seed is not None else conf.seed)
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_cuda and conf.backend in (
+            "single", "ddp") else torch.device("cpu")
+        with dev:
+            ref = AutoModelForCausalLM.from_config(mc, dtype=torch.float32, attn_implementation=attn)
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(project_path(conf.model.path), dtype=torch.float32,
+                                                   attn_implementation=attn)
+    ref.config.use_cache = False
+    ref.requires_grad_(False)
+    return ref.eval()

@@ -63,6 +63,9 @@ def save_final(trainer, pre, extra: dict) -> Path:
                     not (staging / "adapter_config.json").exists():
                 gen.save_pretrained(staging)
             (staging / "training_args.bin").unlink(missing_ok=True)
+            # TRL's DPO/KTO keep a copy of the initial adapters as the reference ("ref"): not part of the result
+            shutil.rmtree(staging / "ref", ignore_errors=True)
+            (staging / "README.md").unlink(missing_ok=True)  # TRL's generated model card
             write_json(staging / "forgelab_train.json", extra)
             manifest.write_manifest(staging, hash=pre.conf.checkpoint.manifest)
             if final.exists():

@@ -15,15 +15,15 @@ from ..runs import Run, read_json
 from . import checkpoint as ckpt
 from . import runtime, summary
 from .callbacks import MetricsCallback, StopCallback, truncate_metrics
-from .data import attention_span, open_dataset
+from .data import CountingCollator, attention_span
 from .flops import count_model, peak_flops
 from .hf_args import build_training_args
 from .memory_check import memory_warning, run_estimate
-from .model_build import build_model, model_config
+from .model_build import build_model, build_reference, model_config
 from .profiling import ProfilerCallback, StepTimers
 from .graceful import GracefulStop
 from .run_dir import disk_check, prepare_run_dir, save_final
-from .trainer import ForgeTrainer
+from .trainer import trainer_class
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Session:
     stopped_early: bool = False
     disk: dict | None = None
     tokens_step_mean: float | None = None
+    seq_tokens_mean: float | None = None
+    build_reference: Any = None
 
     @property
     def conf(self):
@@ -168,8 +170,13 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
     for n in notices:
         run.log.warning("notice: %s", n)
     s.counts = count_model(model, lora=method.trainable == "lora")
-    s.span = attention_span(pre.train)
-    s.fpt = method.flops_per_token(s.counts, s.span)
+    lengths = method.sequence_lengths(pre, tokenizer)
+    if lengths:  # text data: the span of the sequences TRL will build
+        s.span = float(sum(n * n for n in lengths) / sum(lengths))
+        s.seq_tokens_mean = sum(lengths) / len(lengths)
+    else:
+        s.span = attention_span(pre.train)
+    s.fpt = method.flops_per_token(s.counts, s.span, conf)
     s.dev_name = torch.cuda.get_device_name(0) if rt.on_cuda else None
     s.peak, s.peak_src = peak_flops(conf.metrics.peak_flops, s.dev_name, rt.precision)
     if conf.checkpoint.disk_check and s.is_main:
@@ -179,14 +186,14 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
     run.log.info("model %s: %.1fM params (%.1fM trainable), %.3g FLOPs/token, attention span %.0f",
                  pre.model_source, s.counts.params / 1e6, s.counts.trainable_params / 1e6, s.fpt, s.span)
 
-    train_ds = open_dataset(pre.train)
-    eval_ds = open_dataset(pre.eval) if pre.eval else None
     timers = StepTimers(enabled=conf.profile.enabled and conf.profile.time_split, on_cuda=rt.on_cuda)
-    trainer = ForgeTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                           data_collator=method.collator(conf, tokenizer, pre.train), processing_class=tokenizer,
-                           compute_loss_func=method.loss(conf), run_dir=pre.run_dir,
-                           keep_last=conf.checkpoint.keep_last, timers=timers, flops_per_token=s.fpt,
-                           steady_skip=conf.metrics.steady_skip_steps, loss_chunk=s.loss_chunk)
+    s.build_reference = lambda: build_reference(pre, mc, rt.on_cuda)
+    cls = trainer_class(method.trainer_base(conf))
+    trainer = cls(model=model, args=args, processing_class=tokenizer, **method.trainer_parts(s, tokenizer),
+                  run_dir=pre.run_dir, keep_last=conf.checkpoint.keep_last, timers=timers, flops_per_token=s.fpt,
+                  steady_skip=conf.metrics.steady_skip_steps, loss_chunk=s.loss_chunk)
+    if not isinstance(trainer.data_collator, CountingCollator) and method.tokens_vary():
+        trainer.data_collator = CountingCollator(trainer.data_collator)  # a TRL collator: count on the host
     trainer.manifest_hash = conf.checkpoint.manifest
     resume_step = 0
     if pre.resume is not None:

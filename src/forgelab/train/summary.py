@@ -95,6 +95,7 @@ def end_fields(s, trainer, metrics_cb, train_seconds: float, final_dir: Path | N
         "peak_memory_bytes": peak_mem, "peak_memory_measure": mem_measure,
         "checkpoints": trainer.saved, "resume": s.resume_info,
         "final_loss": losses[-1] if losses else None, "best_loss": min(losses) if losses else None,
+        "method_metrics": method_metrics(curve), "sequence_tokens_mean": s.seq_tokens_mean,
         "loss_curve": "metrics.jsonl", "tensorboard": "tb" if conf.metrics.tensorboard else None,
         "final_model": str(final_dir) if final_dir else None,
         "train_seconds": round(train_seconds, 3), "estimate": est, "notices": s.notices, "disk": s.disk,
@@ -122,6 +123,22 @@ def peak_memory(on_cuda: bool, device) -> tuple[int, str]:
 def rate(records: list[dict]) -> float | None:
     secs = sum(r["step_time_s"] for r in records)
     return sum(r["step_tokens"] for r in records) / secs if records and secs > 0 else None
+
+
+_STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "step_tokens", "tokens_per_s", "mfu", "step_time_s",
+              "elapsed_s", "time", "epoch", "mem_allocated", "mem_reserved", "mem_max_allocated", "rss"}
+
+
+def method_metrics(curve: list[dict]) -> dict | None:
+    """First, last and mean of every per-step value a method logged besides the lab's own
+    (alignment: rewards/margins, rewards/accuracies, reward, kl, completion lengths)."""
+    keys = sorted({k for r in curve for k in r if k not in _STEP_KEYS})
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in curve if isinstance(r.get(k), (int, float))]
+        if vals:
+            out[k] = {"first": vals[0], "last": vals[-1], "mean": sum(vals) / len(vals), "steps": len(vals)}
+    return out or None
 
 
 def write_profile_summary(pre, prof_cb: ProfilerCallback, timers: StepTimers, fpt: float,

@@ -23,6 +23,10 @@ One optimizer step, in order (stock = transformers.Trainer._inner_training_loop;
     [hf_private.AtomicCheckpoints: staging dir, rename, rotate] -> ``on_save`` [MetricsCallback
     leaves the save out of the next step's time]
 
+TRL's trainers (dpo, orpo, simpo, kto, grpo) get the same hooks: ``trainer_class(DPOTrainer)``
+puts AtomicCheckpoints and ForgeMixin in front of the TRL class, whose own compute_loss (and,
+for GRPO, the generation in ``_prepare_inputs``) runs inside the same timers and callbacks.
+
 Also ours: AdamW groups without decay on norms, biases and embeddings
 (``get_decay_parameter_names``) and the token counts popped from evaluation batches
 (``prediction_step``). Everything else is the stock Trainer. The only private Trainer methods
@@ -41,10 +45,14 @@ from .optim import decay_parameter_names
 from .profiling import StepTimers
 
 
-class ForgeTrainer(hf_private.AtomicCheckpoints, Trainer):
+class ForgeMixin:
+    """The lab's part of a Trainer, for transformers.Trainer and for TRL's Trainer subclasses
+    alike (``trainer_class``): timers, host-side token counts, no decay on norms, the cached
+    FLOP formula and the chunked loss."""
+
     def __init__(self, *args, run_dir: Path, keep_last: int, timers: StepTimers, flops_per_token: float,
                  steady_skip: int = 0, loss_chunk: int = 0, **kwargs):
-        problems = hf_private.check()
+        problems = hf_private.check(type(self))
         if problems:
             raise RuntimeError("this transformers version changed what the lab's atomic checkpoints rely on: "
                                + "; ".join(problems))
@@ -73,6 +81,8 @@ class ForgeTrainer(hf_private.AtomicCheckpoints, Trainer):
         with self.timers.time("data"):
             batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         for b in batches:
+            if not isinstance(b, dict):  # GRPO's list of prompt records: counted when answers are generated
+                continue
             n = int(b.pop(TOKENS_KEY, 0))
             self._step_tokens += n
             self.local_tokens += n
@@ -95,6 +105,13 @@ class ForgeTrainer(hf_private.AtomicCheckpoints, Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
+    def count_generated(self, tokens: int, slots: int) -> None:
+        """Tokens a method produced inside the step (GRPO's sampled answers): counted like the
+        collators' ones, so throughput covers what the step computed."""
+        self._step_tokens += tokens
+        self.local_tokens += tokens
+        self.local_slots += slots
+
     def training_step(self, model, inputs, *args, **kwargs):
         with self.timers.time("forward_backward"):
             loss = super().training_step(model, inputs, *args, **kwargs)
@@ -103,7 +120,26 @@ class ForgeTrainer(hf_private.AtomicCheckpoints, Trainer):
 
     def floating_point_ops(self, inputs) -> int:
         # the stock version walks all parameters on every micro-batch; the formula is cached
-        return int(self.fpt * inputs["input_ids"].numel())
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        return int(self.fpt * ids.numel()) if hasattr(ids, "numel") else 0
+
+
+class ForgeTrainer(hf_private.AtomicCheckpoints, ForgeMixin, Trainer):
+    """The lab's Trainer for the methods that train on the stock loop (cpt, pretrain, sft)."""
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def trainer_class(base: type) -> type:
+    """The lab's Trainer on top of ``base`` (transformers.Trainer or a TRL trainer such as
+    DPOTrainer): atomic checkpoints and the mixin's hooks run around the base's own step."""
+    if base is Trainer:
+        return ForgeTrainer
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Forge{base.__name__}", (hf_private.AtomicCheckpoints, ForgeMixin, base),
+                              {"__doc__": f"{base.__name__} with the lab's checkpoints, timers and counts"})
+    return _CLASSES[base]
 
 
 class _PhaseCallback(TrainerCallback):

@@ -1,6 +1,7 @@
 """The training methods: one module each, found here by name.
 
-A module of this package that defines ``METHOD`` (an instance of ``base.Method``) is a method;
+A module of this package that defines ``METHOD`` (an instance of ``base.Method``), or
+``METHODS`` (several, e.g. an alignment method's LoRA and full-weight variants), is a method;
 nothing else needs editing to add one (docs/architecture.md says how). ``method_for(conf)``
 is the method a training config selects; ``names()`` lists them for --task and the docs.
 """
@@ -23,9 +24,9 @@ def registry() -> dict[str, Method]:
             if info.name.startswith("_") or info.name == "base":
                 continue
             mod = importlib.import_module(f"{__name__}.{info.name}")
-            m = getattr(mod, "METHOD", None)
-            if isinstance(m, Method):
-                found[m.name] = m
+            for m in getattr(mod, "METHODS", ()) or (getattr(mod, "METHOD", None),):
+                if isinstance(m, Method):
+                    found[m.name] = m
         _REGISTRY = found
     return _REGISTRY
 
@@ -35,7 +36,8 @@ def names() -> list[str]:
 
 
 def tasks() -> list[str]:
-    """The values the config's `task` key takes (sft_lora and sft_full share `sft`)."""
+    """The values the config's `task` key takes (sft_lora and sft_full share `sft`; dpo and
+    dpo_full share `dpo`)."""
     return sorted({m.task for m in registry().values()})
 
 

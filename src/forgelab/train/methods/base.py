@@ -5,10 +5,14 @@ registry (``forgelab.train.methods``) finds it by name, and ``--task <name>`` (t
 ``configs/train/<name>.yaml``) selects it. The trainer never branches on the task: it asks the
 method for
 
-- ``data_kind``: which tokenized store it reads (``cpt`` blocks or ``sft`` rows);
+- ``data_kind``: which data it reads (``cpt`` blocks or ``sft`` rows, tokenized; or text records
+  for TRL: ``pref`` pairs, ``kto`` labelled answers, ``prompts``);
 - ``collator``: how a list of items becomes a batch (with the host-side token counts);
 - ``trainable``: which parameters train (``full``, ``lora``) and ``prepare_model`` doing it;
 - ``loss``: the ``compute_loss_func`` handed to the Trainer (None: the model's causal-LM loss);
+- ``trainer_base`` / ``args_class`` / ``trl_args`` / ``trainer_parts``: the Trainer class the lab's
+  hooks go on (transformers.Trainer, or a TRL trainer), its arguments class and what else it is
+  given (datasets, collator, reference model, reward functions);
 - ``flops_per_token`` / ``flops_formula``: the model FLOPs of one token, for MFU;
 - ``estimate_terms``: what the memory estimate must add for it (LoRA adapters, later a frozen
   reference model), as TrainShape fields;
@@ -77,10 +81,37 @@ class Method:
             return load_component("loss", conf.loss, "loss")
         return None
 
+    # -- the trainer
+    def trainer_base(self, conf) -> type:
+        """The Trainer class the lab's hooks go on (train/trainer.py trainer_class)."""
+        from transformers import Trainer
+        return Trainer
+
+    def args_class(self) -> type:
+        from transformers import TrainingArguments
+        return TrainingArguments
+
+    def trl_args(self, conf) -> dict[str, Any]:
+        """Fields of args_class() beyond the TrainingArguments the lab sets for every run."""
+        return {}
+
+    def trainer_parts(self, s, tokenizer) -> dict[str, Any]:
+        """Keyword arguments of the trainer besides model, args and processing_class."""
+        from ..data import open_dataset
+        pre, conf = s.pre, s.conf
+        return {"train_dataset": open_dataset(pre.train),
+                "eval_dataset": open_dataset(pre.eval) if pre.eval else None,
+                "data_collator": self.collator(conf, tokenizer, pre.train), "compute_loss_func": self.loss(conf)}
+
+    def sequence_lengths(self, pre, tokenizer) -> list[int] | None:
+        """Token lengths of the training sequences when the data is text (None: a tokenized store,
+        whose attention span data.attention_span reads)."""
+        return None
+
     # -- MFU
     flops_formula = "6*(N_nonemb+N_head) + 12*L*A*S"
 
-    def flops_per_token(self, counts, span: float) -> float:
+    def flops_per_token(self, counts, span: float, conf=None) -> float:
         from ..flops import flops_per_token
         return flops_per_token(counts, span, lora=self.trainable == "lora")
 
