@@ -35,6 +35,7 @@ from ..runs import atomic_write_text, project_path, write_json
 # seeds of consecutive chunks lie this far apart, so no two batches or prompts share one
 CHUNK_SEED_STRIDE = 1_000_003
 SAMPLES, PAIRS, KTO, META = "samples.jsonl", "pairs.jsonl", "kto.jsonl", "samples.meta.json"
+PROMPTS = "prompts.jsonl"  # the problems with their gold number: GRPO's prompts (task grpo)
 
 
 class PairsError(ValueError):
@@ -269,7 +270,7 @@ def build_pairs(conf: PairsConfig, log) -> dict:
 
 
 def publish(conf: PairsConfig, probs: list[dict], done: dict[str, dict], out: Path) -> dict:
-    """pairs.jsonl and kto.jsonl from the samples of the selected problems (in their order), and the counts."""
+    """pairs.jsonl, kto.jsonl and prompts.jsonl from the samples of the selected problems (in their order), and the counts."""
     pairs, kto = [], []
     counts = {"problems": len(probs), "samples": 0, "correct": 0, "problems_any_correct": 0,
               "problems_all_correct": 0, "problems_none_correct": 0}
@@ -285,11 +286,13 @@ def publish(conf: PairsConfig, probs: list[dict], done: dict[str, dict], out: Pa
         pr, kt = build_records(row, conf.max_pairs_per_prompt, gold)
         pairs += pr
         kto += kt
-    for name, rows in ((PAIRS, pairs), (KTO, kto)):
+    prompts = [{"id": p["id"], "prompt": [{"role": "user", "content": done[p["id"]]["question"]}],
+                "answer": done[p["id"]]["gold"]} for p in probs]
+    for name, rows in ((PAIRS, pairs), (KTO, kto), (PROMPTS, prompts)):
         atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts["correct_share"] = round(counts["correct"] / max(1, counts["samples"]), 4)
     counts.update(pairs=len(pairs), pairs_with_gold=sum(r["source"] != "onpolicy" for r in pairs),
                   kto_good=sum(r["label"] for r in kto), kto_bad=sum(not r["label"] for r in kto),
-                  out_dir=conf.out_dir, files=[SAMPLES, PAIRS, KTO])
+                  prompts=len(prompts), out_dir=conf.out_dir, files=[SAMPLES, PAIRS, KTO, PROMPTS])
     return counts
 

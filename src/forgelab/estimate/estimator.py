@@ -23,9 +23,32 @@ sharing the ZeRO/FSDP partition:
   buffers        DDP gradient buckets, ZeRO reduce/all-gather buckets, ZeRO-3 gathered params
   workspace      cuBLAS workspace and small allocator slack
 
+Alignment methods (TrainShape fields the method's estimate_terms set):
+
+  sequences      a micro batch of B items trains B x sequences_per_item rows (DPO/ORPO/SimPO:
+                 chosen + rejected, 2B); activations and logits scale with the rows
+  reference      reference_weights = P x param bytes / N (ZeRO-3/FSDP partition it like the
+                 model; the lab loads it fp32 like the policy; on the host with param offload);
+                 LoRA runs: 0 (the reference is the base model with the adapters off)
+  no-grad fwd    nograd_forward = (one layer's saved-tensor bytes per token of full training +
+                 resid x h) x B x nograd_sequences_per_item x s: one layer's working set of the
+                 reference forward (DPO: 2B rows) or KTO's KL / reference passes (B rows),
+                 transient while the policy's activations are held
+  generation     GRPO, transformers generate of G = micro_batch x grad_accum completions of
+                 T = prompt (seq_len) + completion_len tokens:
+                 generation_kv_cache = 2 (K, V) x L x kv_heads x head_dim x G x T x kv bytes
+                 (kv bytes = the weights' dtype: fp32 weights + autocast cache fp32 K/V);
+                 generation_logits = G x vocab x (e + 12) (last position, fp32 copy, scaled
+                 copy, probabilities); generation_prefill = one layer's working set for the
+                 G x prompt tokens + the prompt's KV cache. Transient, freed before the
+                 training forward: phase generation = weights + master + optimizer + reference
+                 + autocast copies + max(KV cache, prefill) + generation logits (ZeRO-3
+                 gathers every weight for generate: + the rest of the weights)
+
 The peak is the largest phase: loss backward (all activations + logits buffers), layer
 recompute (checkpointing: the logits buffers are gone, one layer is live again), end of
-backward (all gradients) and the optimizer step.
+backward (all gradients), the optimizer step, and for alignment methods the no-grad forward
+(policy activations + one reference layer) and generation.
 
 `peak_memory_bytes` predicts `torch.cuda.max_memory_allocated()`. `device_bytes` adds the
 CUDA context (outside the allocator) and allocator reservation overhead, i.e. what nvidia-smi
@@ -131,9 +154,12 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
         host += master + optim + Pt * 4 / shard_g  # fp32 grad partition lives on the host too
         master = optim = 0.0
         grads = 0.0  # reduced straight into host buffers; the buckets below stay on the GPU
+    # a full-weight alignment run's frozen reference: partitioned and offloaded like the model
+    # (TRL's prepare_deepspeed / prepare_fsdp), in the model's weight dtype (the lab loads both fp32)
+    ref_weights = (P * pb / shard_w) if (shape.reference_model and not shape.lora) else 0.0
     if shape.offload_param:
-        host += weights
-        weights = 0.0
+        host += weights + ref_weights
+        weights = ref_weights = 0.0
     autocast_cache = 0.0
     if shape.precision != "fp32" and not half:
         # fp32 weights under autocast: each matmul keeps its bf16 weight copy until backward.
@@ -167,9 +193,12 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
         buffers["fsdp_gathered_unit"] = 2 * max(dims.layer_params, dims.largest_param) * pb
 
     # --- activations and logits
-    b, sq = shape.micro_batch, shape.seq_len
+    gen = shape.generation
+    completion = int(gen.get("completion_len", 0)) if gen else 0
+    b, sq = shape.micro_batch * max(1, int(shape.sequences_per_item)), shape.seq_len + completion
+    tshape = dataclasses.replace(shape, seq_len=sq) if completion else shape  # the trained rows
     tokens = b * sq
-    per_layer = layer_activations(dims, shape, knobs)
+    per_layer = layer_activations(dims, tshape, knobs)
     per_layer_tok = sum(per_layer.values())
     full = shape.lora is None
     nf = pb if half else 4
@@ -200,10 +229,11 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
     act_scale = knobs.activation_scale * (knobs.compiled_activation_scale if compiled else 1.0)
     activations = (stored_layers + final_norm + head_input + mask + shared) * act_scale
     per_logit = knobs.compiled_logits_bytes_per_element if compiled else knobs.logits_bytes_per_element
-    if shape.kernels == "liger":
+    if shape.kernels == "liger" or shape.fused_lm_head:
         # fused linear + cross entropy: logits are computed in chunks; the hidden-state grad is kept
         logits = e * dims.hidden * tokens
-        assumptions.append("Liger fused linear cross-entropy: no full logits tensor")
+        assumptions.append("Liger fused linear cross-entropy: no full logits tensor" if shape.kernels == "liger"
+                           else "TRL's fused LM head: log-probs computed in tiles, no full logits tensor")
     else:
         logits = per_logit * tokens * dims.vocab
         if knobs.keep_logits_output:
@@ -216,7 +246,7 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
     accumulating = shape.grad_accum > 1
     held_grads = grads if accumulating else 0.0
     buf = sum(buffers.values())
-    static = weights + master + optim + buf + knobs.workspace_bytes
+    static = weights + ref_weights + master + optim + buf + knobs.workspace_bytes
     phases = {"loss_backward": static + (0.0 if gc else autocast_cache) + held_grads + activations + logits}
     if gc:
         phases["layer_recompute"] = static + grads + activations + recompute + autocast_cache / dims.layers
@@ -225,6 +255,42 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
     if ds and stage in (1, 2) and not shape.offload_optimizer:
         step_extra += Pt * 4 / n  # fp32 upcast of the grad partition
     phases["optimizer_step"] = static + grads + step_extra
+
+    # --- alignment: a forward without grad while the policy's activations are held (DPO's
+    # reference on the 2B rows, KTO's KL and reference passes on B), and GRPO's generation
+    resid_h = resid * dims.hidden
+    nograd = 0.0
+    if shape.nograd_sequences_per_item > 0:
+        nograd = nograd_layer_bytes(dims, tshape, knobs, resid_h) * \
+            shape.micro_batch * shape.nograd_sequences_per_item * sq
+        phases["nograd_forward"] = static + held_grads + (0.0 if gc else autocast_cache) + activations + nograd
+    gen_terms: dict[str, float] = {}
+    if gen and gen.get("engine", "transformers") == "transformers":
+        G, prompt = int(gen.get("batch") or shape.micro_batch * shape.grad_accum), shape.seq_len
+        kv_b = pb  # K/V as cached: the weights' dtype (fp32 weights + autocast promote them to fp32)
+        gen_terms["generation_kv_cache"] = kv_cache_bytes(dims, G * sq, kv_b)
+        gen_terms["generation_prefill"] = nograd_layer_bytes(dims, dataclasses.replace(tshape, seq_len=prompt),
+                                                             knobs, resid_h) * G * prompt + \
+            kv_cache_bytes(dims, G * prompt, kv_b)
+        gen_terms["generation_logits"] = G * dims.vocab * (e + 12)
+        # ZeRO-3 gathers every weight for generate (ds3_gather_for_generation); FSDP summons them
+        full_w = frozen * pb + Pt * tb
+        gen_terms["generation_gathered_weights"] = max(0.0, full_w - weights) if stage >= 3 else 0.0
+        phases["generation"] = static + gen_terms["generation_gathered_weights"] + autocast_cache + \
+            max(gen_terms["generation_kv_cache"], gen_terms["generation_prefill"]) + gen_terms["generation_logits"]
+        assumptions.append(f"generation: {G} completions per device of {prompt} prompt + {completion} answer "
+                           f"tokens (transformers generate), KV cache {kv_b} bytes per element; freed before "
+                           "the training forward")
+    elif gen:
+        assumptions.append("generation with vLLM: its memory (align.vllm_gpu_memory_utilization of the GPU when "
+                           "colocated) is not modelled")
+    if shape.reference_model:
+        assumptions.append("reference model: a frozen copy of the weights in the model's dtype"
+                           + (", partitioned like the model" if stage >= 3 else ""))
+    elif shape.lora and shape.nograd_sequences_per_item:
+        assumptions.append("reference: the base model with the adapters off (no extra weights)")
+    if shape.sequences_per_item != 1:
+        assumptions.append(f"{shape.sequences_per_item} sequences per item: {b} rows per micro batch")
     peak = max(phases.values())
     device = peak * (1 + knobs.reserved_overhead) + knobs.cuda_context_bytes
 
@@ -257,6 +323,9 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
         "logits": int(logits), **{k: int(v) for k, v in buffers.items()},
         "workspace": int(knobs.workspace_bytes), "cuda_context": int(knobs.cuda_context_bytes),
     }
+    if shape.reference_model or shape.nograd_sequences_per_item or gen:  # alignment methods only
+        breakdown |= {"reference_weights": int(ref_weights), "nograd_forward": int(nograd),
+                      **{k: int(v) for k, v in gen_terms.items()}}
     return {
         "peak_memory_bytes": int(peak),
         "peak_memory_gib": round(peak / GiB, 3),
@@ -278,6 +347,18 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
         "tokens_per_micro_batch": tokens,
         "assumptions": assumptions,
     }
+
+
+def nograd_layer_bytes(dims, shape: TrainShape, knobs: Knobs, resid_h: float) -> float:
+    """Per-token working set of one decoder layer in a forward without grad: what full training
+    would save for that layer (an upper bound on what is live inside it) + its residual input."""
+    full = dataclasses.replace(shape, lora=None) if shape.lora else shape
+    return (sum(layer_activations(dims, full, knobs).values()) + resid_h) * knobs.activation_scale
+
+
+def kv_cache_bytes(dims, tokens: int, bytes_per_element: int) -> float:
+    """KV cache of generation: 2 (K and V) x layers x kv_heads x head_dim x tokens x bytes."""
+    return 2 * dims.layers * dims.kv_heads * dims.head_dim * tokens * bytes_per_element
 
 
 def _kernels_note(shape: TrainShape, compiled: bool, knobs: Knobs) -> str:

@@ -33,6 +33,17 @@ class TrainShape:
     params_in_half: bool = True      # weights stored in bf16/fp16 (else fp32 + autocast)
     gradient_checkpointing: bool = False
     lora: dict | None = None         # {"r", "targets", "dropout", "dtype"} or None (full)
+    # alignment methods (Method.estimate_terms): a second frozen copy of the weights (full-weight
+    # DPO/KTO, GRPO with a KL term); sequences per micro-batch item that train (2: chosen +
+    # rejected) and that run the largest forward without grad (a reference forward, KTO's KL
+    # pass; 0: none); GRPO's generation {"batch": completions per device, "num_generations",
+    # "completion_len", "engine": transformers | vllm}, whose sequences are seq_len (the prompt)
+    # + completion_len
+    reference_model: bool = False
+    sequences_per_item: int = 1
+    nograd_sequences_per_item: int = 0
+    fused_lm_head: bool = False      # the trainer computes log-probs in tiles (TRL's fused LM head): no logits tensor
+    generation: dict | None = None
     backend: str = "single"          # single | ddp | fsdp | zero2 | zero3_offload | ...
     zero_stage: int = 0
     offload_optimizer: bool = False
@@ -53,10 +64,12 @@ class TrainShape:
         precision: the compute dtype the run uses; seq_len: the length a batch row can reach
         (the data's block length, or the longest sample of unpadded SFT); kernels: eager,
         liger or compiled; trainable: the method's estimator terms (``{"lora": {...}}`` for
-        adapters, ``{}`` for full training); ds_config: the DeepSpeed JSON the run loads. The
-        lab loads fp32 weights and trains under autocast (params_in_half False) unless a knob
-        says otherwise. Returns (shape, where each value came from)."""
+        adapters, ``{}`` for full training; alignment methods add ``reference_model``,
+        ``sequences_per_item``, ``nograd_sequences_per_item`` and ``generation``); ds_config:
+        the DeepSpeed JSON the run loads. The lab loads fp32 weights and trains under autocast
+        (params_in_half False) unless a knob says otherwise. Returns (shape, where each value came from)."""
         st, rt, backend = conf.steps, conf.runtime, conf.backend
+        terms = dict(trainable or {})
         ds = dict(ds_config or {})
         zo = ds.get("zero_optimization", {})
         stage = zo.get("stage")
@@ -68,7 +81,12 @@ class TrainShape:
             micro_batch=st.micro_batch_size, grad_accum=st.grad_accum, epochs=1.0, max_steps=st.max_steps,
             seq_len=int(seq_len), precision=precision,
             params_in_half=bool(params_in_half) if params_in_half is not None else False,
-            gradient_checkpointing=bool(rt.gradient_checkpointing), lora=(trainable or {}).get("lora"),
+            gradient_checkpointing=bool(rt.gradient_checkpointing), lora=terms.get("lora"),
+            reference_model=bool(terms.get("reference_model", False)),
+            sequences_per_item=int(terms.get("sequences_per_item", 1)),
+            nograd_sequences_per_item=int(terms.get("nograd_sequences_per_item", 0)),
+            fused_lm_head=bool(terms.get("fused_lm_head", False)),
+            generation=dict(terms["generation"]) if terms.get("generation") else None,
             backend=backend, zero_stage=int(stage),
             offload_optimizer=(off_opt not in (None, "none")) if zo else "offload" in backend,
             offload_param=int(stage) == 3 and ((off_par not in (None, "none")) if zo else "offload" in backend),
@@ -78,6 +96,13 @@ class TrainShape:
                  "(steps.*)", f"sequence length {shape.seq_len} (the data's, as the run resolved it)",
                  f"precision {precision} (runtime.precision resolved), kernels {kernels}",
                  f"backend {backend}" + (f", DeepSpeed config {conf.dist.deepspeed}" if ds else "")]
+        if shape.reference_model or shape.sequences_per_item != 1 or shape.nograd_sequences_per_item \
+                or shape.generation:
+            notes.append(f"task {conf.task}: {shape.sequences_per_item} sequence(s) per item with grad, "
+                         f"{shape.nograd_sequences_per_item} per item in the largest no-grad forward"
+                         + (", a frozen reference copy of the weights" if shape.reference_model else "")
+                         + (f", generation {shape.generation}" if shape.generation else "")
+                         + " (the method's estimate_terms)")
         return shape, notes
 
     @classmethod

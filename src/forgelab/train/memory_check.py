@@ -19,6 +19,10 @@ def run_estimate(pre, mc, rt, world: int) -> tuple[dict | None, str | None]:
         longest = int((meta.get("sample_tokens") or {}).get("max") or seq)
         mult = conf.data.pad_to_multiple_of
         seq = min(seq, -(-longest // mult) * mult if mult else longest)
+    if "sequence_tokens" in meta:  # text data tokenized by the run: the longest sequence, padded as configured
+        longest = int(meta["sequence_tokens"]["max"])
+        mult = conf.data.pad_to_multiple_of
+        seq = min(seq, -(-longest // mult) * mult if mult else longest)
     try:
         knobs = knobs_from_conf(conf)
         kernels = "liger" if rt.liger else "compiled" if rt.compile else "eager"

@@ -52,6 +52,7 @@ class Session:
     disk: dict | None = None
     tokens_step_mean: float | None = None
     seq_tokens_mean: float | None = None
+    lengths: list[int] | None = None
     build_reference: Any = None
 
     @property
@@ -74,6 +75,10 @@ def run_session(pre, plan_info: dict | None = None) -> int:
     if pre.chat_template is not None:
         tokenizer.chat_template = pre.chat_template  # the data's template: checkpoints and final/ save it
     mc = model_config(pre, tokenizer, notices)
+    s.lengths = conf.method.sequence_lengths(pre, tokenizer)
+    if s.lengths:  # text data: the longest sequence sizes the memory estimate (batches pad to their longest)
+        pre.train.meta["sequence_tokens"] = {"max": max(s.lengths), "mean": sum(s.lengths) / len(s.lengths),
+                                             "n": len(s.lengths)}
     # before the TrainingArguments exist: under ZeRO-3 they turn every model build into a
     # partitioned one, the estimator's meta-device model included
     s.estimate, s.est_note = run_estimate(pre, mc, rt, int(os.environ.get("WORLD_SIZE", "1")))
@@ -163,14 +168,15 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
                      rt.fp8, "too" if fp8_head else "kept")
     s.sdpa = runtime.apply_sdpa_backend(conf.runtime.sdpa_backend, rt.on_cuda, notices)
     if conf.runtime.torch_compile and conf.runtime.compile_scope == "blocks":
-        n_compiled = runtime.compile_blocks(model, conf.runtime.compile_mode, notices, head=fp8_head)
+        n_compiled = runtime.compile_blocks(model, conf.runtime.compile_mode, notices, head=fp8_head,
+                                            dynamic=True if s.lengths else None)
         if n_compiled:
             run.log.info("torch.compile: %d decoder blocks + the loss (regional)", n_compiled)
     s.loss_chunk = runtime.choose_loss_chunk(conf, model, s.world, notices)
     for n in notices:
         run.log.warning("notice: %s", n)
     s.counts = count_model(model, lora=method.trainable == "lora")
-    lengths = method.sequence_lengths(pre, tokenizer)
+    lengths = s.lengths
     if lengths:  # text data: the span of the sequences TRL will build
         s.span = float(sum(n * n for n in lengths) / sum(lengths))
         s.seq_tokens_mean = sum(lengths) / len(lengths)

@@ -14,8 +14,9 @@ method for
   hooks go on (transformers.Trainer, or a TRL trainer), its arguments class and what else it is
   given (datasets, collator, reference model, reward functions);
 - ``flops_per_token`` / ``flops_formula``: the model FLOPs of one token, for MFU;
-- ``estimate_terms``: what the memory estimate must add for it (LoRA adapters, later a frozen
-  reference model), as TrainShape fields;
+- ``estimate_terms``: what the memory estimate must add for it (LoRA adapters; the alignment
+  methods' reference copy, sequences per item, no-grad forwards and generation), as TrainShape
+  fields;
 - ``validate``: its config rules, checked before any model loads.
 
 Methods import nothing heavy at module level (torch, transformers and peft are imported inside

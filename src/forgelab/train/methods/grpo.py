@@ -70,11 +70,19 @@ class GRPO(TRLMethod):
                 "use_vllm": a.use_vllm, "vllm_mode": a.vllm_mode,
                 "vllm_gpu_memory_utilization": a.vllm_gpu_memory_utilization, "shuffle_dataset": True}
 
-    def trl_args(self, conf) -> dict[str, Any]:
-        out = super().trl_args(conf)
-        out.pop("disable_dropout")  # GRPOConfig keeps TRL's default (off) and has no max_length
-        out["disable_dropout"] = True
-        return out
+    def estimate_terms(self, conf) -> dict[str, Any]:
+        """LoRA / the reference copy (beta > 0) as for every TRL method, and the generation: one
+        generation batch per optimizer step of micro_batch_size x grad_accum completions per
+        device (TRL's steps_per_generation = grad_accum), each prompt + max_completion_length
+        tokens. The reference's log-probs are computed after generation, with no policy
+        activations held, so no no-grad forward term."""
+        terms = super().estimate_terms(conf)
+        terms.pop("nograd_sequences_per_item", None)
+        a, st = conf.align, conf.steps
+        terms["generation"] = {"batch": st.micro_batch_size * st.grad_accum, "num_generations": a.num_generations,
+                               "completion_len": a.max_completion_length,
+                               "engine": "vllm" if a.use_vllm else "transformers"}
+        return terms
 
     def trainer_base(self, conf) -> type:
         return counting_grpo(super().trainer_base(conf))

@@ -19,6 +19,11 @@ class KTO(TRLMethod):
             raise ConfigError("key 'steps.micro_batch_size': kto needs at least 2 records per micro-batch "
                               "(its KL estimate pairs each prompt with another record's answer)")
 
+    def estimate_terms(self, conf) -> dict:
+        # B labelled answers train; the KL pass (B mismatched pairs) and each reference pass run
+        # B rows without grad, whether or not a reference model is held
+        return {**super().estimate_terms(conf), "nograd_sequences_per_item": 1}
+
     def method_args(self, conf) -> dict:
         a = conf.align
         return {"beta": a.beta, "max_length": a.max_length, "desirable_weight": a.desirable_weight,

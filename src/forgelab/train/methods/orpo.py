@@ -11,6 +11,8 @@ class ORPO(TRLMethod):
     trainer_path = "trl.experimental.orpo:ORPOTrainer"
     config_path = "trl.experimental.orpo:ORPOConfig"
     reference = "none"
+    fused_lm_head = False               # the experimental trainers compute full logits
+    pads_to_multiple = False
     about_method = "ORPO: SFT + odds-ratio preference term, no reference model (TRL ORPOTrainer)"
 
     def method_args(self, conf) -> dict:

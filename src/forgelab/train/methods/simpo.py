@@ -10,6 +10,8 @@ class SimPO(TRLMethod):
     trainer_path = "trl.experimental.cpo:CPOTrainer"
     config_path = "trl.experimental.cpo:CPOConfig"
     reference = "none"
+    fused_lm_head = False               # the experimental trainers compute full logits
+    pads_to_multiple = False
     about_method = "SimPO: length-normalized, reference-free preference loss (TRL CPOTrainer, loss_type simpo)"
 
     def method_args(self, conf) -> dict:

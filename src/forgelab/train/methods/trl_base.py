@@ -32,7 +32,8 @@ class TRLMethod(Method):
     trainer_path = "trl:DPOTrainer"     # module:class of the TRL trainer
     config_path = "trl:DPOConfig"       # module:class of its TrainingArguments subclass
     reference = "model"                 # "model": a frozen reference forward per step; "none": no reference
-    paper = ""                          # where the loss comes from (docs, --help)
+    pads_to_multiple = True             # the TRL config has pad_to_multiple_of (data.pad_to_multiple_of)
+    fused_lm_head = True                # TRL computes the log-probs in tiles (trl.trainer.utils.add_fused_lm_head)
 
     def __init__(self, mode: str = "lora"):
         self.trainable = mode
@@ -100,8 +101,11 @@ class TRLMethod(Method):
     def trl_args(self, conf) -> dict[str, Any]:
         """Fields every TRL config gets: the lab's gradient-checkpointing choice (TRL defaults to
         on), no dataset worker processes, and the method's own."""
-        return {"gradient_checkpointing": conf.runtime.gradient_checkpointing,
-                "disable_dropout": True, **self.method_args(conf)}
+        out = {"gradient_checkpointing": conf.runtime.gradient_checkpointing, "disable_dropout": True,
+               **self.method_args(conf)}
+        if self.pads_to_multiple:
+            out["pad_to_multiple_of"] = conf.data.pad_to_multiple_of  # None: each batch to its longest row
+        return out
 
     def trainer_parts(self, s, tokenizer) -> dict[str, Any]:
         """Keyword arguments of the TRL trainer besides model, args and processing_class."""
@@ -131,10 +135,19 @@ class TRLMethod(Method):
 
     # -- memory estimate
     def estimate_terms(self, conf) -> dict[str, Any]:
+        """TrainShape fields: LoRA's adapters; pairs train chosen + rejected concatenated (2
+        sequences per item); a reference forward (no grad) runs on the same rows after the
+        policy's; a full-weight reference is a second frozen copy of the weights (LoRA: the base
+        weights with the adapters off)."""
         terms = lora_terms(conf) if self.trainable == "lora" else {}
-        # a full-weight reference is a second frozen copy of the weights (LoRA: the same weights)
-        if self.trainable == "full" and self.uses_reference(conf):
-            terms["reference_model"] = True
+        if self.data_kind == "pref":
+            terms["sequences_per_item"] = 2
+        if self.fused_lm_head:
+            terms["fused_lm_head"] = True
+        if self.uses_reference(conf):
+            terms["nograd_sequences_per_item"] = terms.get("sequences_per_item", 1)
+            if self.trainable == "full":
+                terms["reference_model"] = True
         return terms
 
     def summary(self, conf) -> dict[str, Any]:
