@@ -6,7 +6,7 @@
 # GRPO run: the generation KV cache). Parts, in the order given (default: all):
 #   trl17       TRL DPOTrainer defaults: gradient checkpointing on, batch 8, no compile
 #   lab17_trl   the lab with TRL's settings (checkpointing on, batch 8, eager): the glue's own cost
-#   lab17       the lab's tuned settings: checkpointing off, regional compile, batch 8
+#   lab17       the lab's tuned settings: checkpointing off, batch 8
 #   lab17_b16   tuned, batch 16
 #   full06      full-weight DPO, Qwen3-0.6B shape: the reference model's weights in the estimate
 #   grpo06      GRPO LoRA, Qwen3-0.6B shape, 8 answers x 4 prompts of 256 tokens: the KV cache term
@@ -48,7 +48,10 @@ M17=(--set model.path=null --set model.preset=qwen3-1.7b --set model.tokenizer=.
      --set lora.r=64 --set lora.alpha=128 --set lora.dropout=0.0 --set steps.max_steps=16 --set optim.warmup_steps=2
      --set metrics.steady_skip_steps=6 --set align.max_length=1024 --set steps.grad_accum=1)
 TRLSET=(--set runtime.gradient_checkpointing=true --set runtime.torch_compile=false --set steps.micro_batch_size=8)
-TUNED=(--set runtime.gradient_checkpointing=false --set runtime.torch_compile=true --set runtime.compile_scope=blocks)
+# tuned: no recomputation (the H200 holds the activations); eager: TRL's batches are padded to their own
+# longest pair, so a compiled block recompiles on new lengths (measured: 25-35 s per new shape, and
+# dynamic-shape graphs ran slower than eager)
+TUNED=(--set runtime.gradient_checkpointing=false --set runtime.torch_compile=false)
 M06=(--set model.path=null --set model.preset=qwen3-0.6b --set model.tokenizer=.gpu/tok --set steps.max_steps=10
      --set optim.warmup_steps=2 --set metrics.steady_skip_steps=4 --set steps.grad_accum=1 "${TUNED[@]}")
 python3 -c "import pyarrow, torch; print('pyarrow', pyarrow.__version__, 'torch', torch.__version__)"

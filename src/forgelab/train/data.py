@@ -121,7 +121,11 @@ class CountingCollator:
     def __call__(self, features):
         batch = self.inner(features)
         if isinstance(batch, dict):
-            masks = [v for k, v in batch.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
+            # ORPO/CPO batches carry the prompt's mask beside chosen/rejected masks that already
+            # include the prompt (a decoder-only model never runs the prompt alone): not counted
+            skip = {"prompt_attention_mask"} if "chosen_attention_mask" in batch else set()
+            masks = [v for k, v in batch.items()
+                     if k.endswith("attention_mask") and k not in skip and hasattr(v, "sum")]
             if masks:
                 batch[TOKENS_KEY] = int(sum(int(m.sum()) for m in masks))
                 batch[SLOTS_KEY] = int(sum(m.numel() for m in masks))

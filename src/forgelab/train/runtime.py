@@ -214,21 +214,19 @@ def decoder_blocks(model) -> torch.nn.ModuleList | None:
     return None
 
 
-def compile_blocks(model, mode: str | None, notices: list[str], head: bool = False, dynamic: bool | None = None) -> int:
+def compile_blocks(model, mode: str | None, notices: list[str], head: bool = False) -> int:
     """Regional compilation: each decoder block (all share one graph, so it compiles once) and
     the loss (fuses the logits' upcast, log-softmax and gather); with ``head`` the LM head too
-    (an FP8 head: eager, its casts would take extra passes over the logits' gradient). ``dynamic``
-    True: one graph for every sequence length from the start (batches padded to their own
-    longest row, as TRL's collators do, would otherwise recompile on new lengths)."""
+    (an FP8 head: eager, its casts would take extra passes over the logits' gradient)."""
     blocks = decoder_blocks(model)
     if blocks is None:
         notices.append("runtime.compile_scope blocks: no decoder layer list found; compiling the whole model")
-        model.compile(mode=mode, dynamic=dynamic)
+        model.compile(mode=mode)
         return 0
     for b in blocks:
-        b.compile(mode=mode, dynamic=dynamic)
+        b.compile(mode=mode)
     base = base_model(model)
-    base.loss_function = torch.compile(base.loss_function, mode=mode, dynamic=dynamic)
+    base.loss_function = torch.compile(base.loss_function, mode=mode)
     if head:
-        base.get_output_embeddings().compile(mode=mode, dynamic=dynamic)
+        base.get_output_embeddings().compile(mode=mode)
     return len(blocks)

@@ -168,8 +168,7 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
                      rt.fp8, "too" if fp8_head else "kept")
     s.sdpa = runtime.apply_sdpa_backend(conf.runtime.sdpa_backend, rt.on_cuda, notices)
     if conf.runtime.torch_compile and conf.runtime.compile_scope == "blocks":
-        n_compiled = runtime.compile_blocks(model, conf.runtime.compile_mode, notices, head=fp8_head,
-                                            dynamic=True if s.lengths else None)
+        n_compiled = runtime.compile_blocks(model, conf.runtime.compile_mode, notices, head=fp8_head)
         if n_compiled:
             run.log.info("torch.compile: %d decoder blocks + the loss (regional)", n_compiled)
     s.loss_chunk = runtime.choose_loss_chunk(conf, model, s.world, notices)
