@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap_env.sh
 export TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
-STAGES=${STAGES:-"00 01 02 03 04 05 06 pretrain 07 08 09 10 12"}
+STAGES=${STAGES:-"00 01 02 03 04 05 06 pretrain 07 08 08b 08c 09 10 12"}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ==="; }
 
@@ -39,15 +39,23 @@ if want pretrain; then
 fi
 want 07 && { step "07 SFT LoRA";               bash scripts/07_train_sft.sh single; }
 want 08 && { step "08 merge LoRA";             $PY scripts/08_merge_lora.py; }
+want 08b && { step "08b on-policy pairs from the SFT model"; $PY scripts/08b_build_pairs.py; }
+if want 08c; then
+  step "08c DPO of the SFT model on its own pairs + merge"
+  bash scripts/08c_train_dpo.sh single
+  $PY scripts/08_merge_lora.py --config configs/merge_dpo.yaml
+fi
 if want 09; then
-  step "09 eval: base vs CPT vs SFT-merged"
+  step "09 eval: base vs CPT vs SFT-merged (vs DPO-merged)"
+  models=configs/eval/compare.yaml
+  [[ -f model/merged-dpo/config.json ]] && models=configs/eval/compare_aligned.yaml
   served=(--config configs/eval/served.yaml)
   if ! wait "$VLLM_SETUP_PID"; then
     echo "vLLM setup failed (see $VLLM_SETUP_LOG): math decodes in-process instead" >&2
     served=()
   fi
   # nothing else runs meanwhile: both cores for the in-process tasks (the script defaults to one)
-  OMP_NUM_THREADS=2 bash scripts/09_eval.sh --config configs/eval/default.yaml --config configs/eval/compare.yaml "${served[@]}" --run-name pipeline
+  OMP_NUM_THREADS=2 bash scripts/09_eval.sh --config configs/eval/default.yaml --config "$models" "${served[@]}" --run-name pipeline
 fi
 if want 10; then
   step "10 serve the merged model + 11 serving benchmark"

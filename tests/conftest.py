@@ -4,6 +4,7 @@ SmolLM2's tokenizer and chat template for fast training/serving tests, and small
 datasets built with it (cpt_dir, sft_dir; builders in tests/helpers.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -108,3 +109,39 @@ def vllm_python(vllm_setup):
     rc = proc.wait(timeout=1500)
     assert rc == 0, f"scripts/setup_vllm_cpu.sh failed:\n{log.read_text()[-4000:]}"
     return PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _problems(raw_data, n: int) -> list[tuple[str, str, int]]:
+    """(question, gold answer text, gold number) of the first n one-number ASDiv problems."""
+    from forgelab.eval.answers import asdiv_gold
+    out = []
+    for line in Path(raw_data["asdiv"]).read_text().splitlines():
+        r = json.loads(line)
+        gold = asdiv_gold(r["answer"])
+        if gold is not None and "/" not in gold and "." not in gold:
+            out.append((f"{r['passage']} {r['question']}", r["answer"], int(gold)))
+        if len(out) == n:
+            break
+    return out
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def align_data(raw_data, tmp_path_factory) -> dict[str, Path]:
+    """Alignment data in TRL's schemas from 32 real ASDiv problems: pairs (gold answer vs a wrong
+    number), KTO labels, GRPO prompts with the gold number (tests/test_align_*.py)."""
+    d = tmp_path_factory.mktemp("align-data")
+    probs = _problems(raw_data, 32)
+    user = [[{"role": "user", "content": q}] for q, _, _ in probs]
+    say = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
+    pairs = [{"prompt": u, "chosen": say(a), "rejected": say(str(g + 1 + i % 3))}
+             for i, (u, (_, a, g)) in enumerate(zip(user, probs))]
+    kto = [{"prompt": u, "completion": say(a if i % 2 == 0 else str(g + 2)), "label": i % 2 == 0}
+           for i, (u, (_, a, g)) in enumerate(zip(user, probs))]
+    prompts = [{"prompt": u, "answer": str(g)} for u, (_, _, g) in zip(user, probs)]
+    return {"pref": _write(d / "pairs.jsonl", pairs), "kto": _write(d / "kto.jsonl", kto),
+            "prompts": _write(d / "prompts.jsonl", prompts)}

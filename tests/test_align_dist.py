@@ -11,7 +11,6 @@ import pytest
 
 from forgelab.runs import read_json
 from helpers import metrics, runs_dir, tiny_sets, train_cli
-from test_align_train import align_data  # noqa: F401  (the module-scoped fixture)
 
 pytestmark = pytest.mark.slow
 

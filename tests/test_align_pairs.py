@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from forgelab.align.pairs import (KTO, PAIRS, SAMPLES, PairsConfig, PairsError, build_pairs, build_records,
+from forgelab.align.pairs import (KTO, PAIRS, PROMPTS, SAMPLES, PairsConfig, PairsError, build_pairs, build_records,
                                   pair_order, problem_id)
 from forgelab.config import build
 from forgelab.eval.config import RuntimeConfig
@@ -117,6 +117,10 @@ def test_builder_end_to_end(tiny_model_dir, tmp_path):
         assert set(p) == {"id", "source", "prompt", "chosen", "rejected"}
         assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
     assert all(set(k) == {"id", "source", "prompt", "completion", "label"} for k in kto)
+    prompts = _read(out / PROMPTS)  # GRPO's prompts: every selected problem with its gold number
+    assert [p["id"] for p in prompts] == [r["id"] for r in rows] and s["prompts"] == 4
+    assert [p["answer"] for p in prompts] == [r["gold"] for r in rows]
+    assert all(p["prompt"] == [{"role": "user", "content": r["question"]}] for p, r in zip(prompts, rows))
     # the random model is rarely right: gold answers stand in as chosen (gold_as_chosen)
     assert s["pairs_with_gold"] == sum(p["source"] == "onpolicy+gold" for p in pairs)
     with pytest.raises(PairsError, match="k=3"):

@@ -20,40 +20,6 @@ from test_train_resume import _kill_when, _last_step, _start
 pytestmark = pytest.mark.slow
 
 
-def _problems(raw_data, n: int) -> list[tuple[str, str, int]]:
-    """(question, gold answer text, gold number) of the first n one-number ASDiv problems."""
-    from forgelab.eval.answers import asdiv_gold
-    out = []
-    for line in Path(raw_data["asdiv"]).read_text().splitlines():
-        r = json.loads(line)
-        gold = asdiv_gold(r["answer"])
-        if gold is not None and "/" not in gold and "." not in gold:
-            out.append((f"{r['passage']} {r['question']}", r["answer"], int(gold)))
-        if len(out) == n:
-            break
-    return out
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def align_data(raw_data, tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("align-data")
-    probs = _problems(raw_data, 32)
-    user = [[{"role": "user", "content": q}] for q, _, _ in probs]
-    say = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
-    pairs = [{"prompt": u, "chosen": say(a), "rejected": say(str(g + 1 + i % 3))}
-             for i, (u, (_, a, g)) in enumerate(zip(user, probs))]
-    kto = [{"prompt": u, "completion": say(a if i % 2 == 0 else str(g + 2)), "label": i % 2 == 0}
-           for i, (u, (_, a, g)) in enumerate(zip(user, probs))]
-    prompts = [{"prompt": u, "answer": str(g)} for u, (_, _, g) in zip(user, probs)]
-    return {"pref": _write(d / "pairs.jsonl", pairs), "kto": _write(d / "kto.jsonl", kto),
-            "prompts": _write(d / "prompts.jsonl", prompts)}
-
-
 def _sanity(task: str, model: Path, data: Path, name: str, *sets: str):
     return train_cli("single", "--task", task, *tiny_sets(model, data), *sets, "--run-name", name,
                      launcher="scripts/train/sanity.sh")

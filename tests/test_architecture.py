@@ -133,10 +133,13 @@ def test_building_a_report_imports_no_training_code(tmp_path):
 def test_training_methods_are_found_by_name_and_each_declares_its_parts():
     from forgelab.train.methods import method_for, names, registry, tasks
     from forgelab.train.methods.base import Method
-    assert names() == ["cpt", "pretrain", "sft_full", "sft_lora"]
-    assert tasks() == ["cpt", "pretrain", "sft"]
+    align = ["dpo", "grpo", "kto", "orpo", "simpo"]
+    assert sorted(names()) == sorted(["cpt", "pretrain", "sft_full", "sft_lora", *align,
+                                      *(f"{a}_full" for a in align)])
+    assert tasks() == sorted(["cpt", "pretrain", "sft", *align])
     for name, m in registry().items():
-        assert m.name == name and m.data_kind in ("cpt", "sft") and m.trainable in ("full", "lora")
+        assert m.name == name and m.data_kind in ("cpt", "sft", "pref", "kto", "prompts")
+        assert m.trainable in ("full", "lora")
         assert (PROJECT_ROOT / "configs" / "train" / f"{name}.yaml").is_file()  # one config per method
         assert m.about and isinstance(m, Method)
     from forgelab import config as cfg
@@ -151,7 +154,7 @@ def test_an_unknown_task_is_a_config_error_listing_the_tasks():
 
     from forgelab import config as cfg
     from forgelab.train.config import TrainConfig
-    with pytest.raises(cfg.ConfigError, match=r"key 'task': unknown task 'dpo_typo'; tasks: cpt, pretrain, sft"):
+    with pytest.raises(cfg.ConfigError, match=r"key 'task': unknown task 'dpo_typo'; tasks: cpt, dpo, grpo, kto, orpo, pretrain, sft, simpo"):
         cfg.load(TrainConfig, [PROJECT_ROOT / "configs" / "train" / "cpt.yaml"], ["task=dpo_typo"])
 
 
