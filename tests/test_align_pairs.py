@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,32 @@ def test_resume_after_kill_mid_write(tiny_model_dir, tmp_path):
     assert by_id(cut / SAMPLES) == by_id(full / SAMPLES)
     assert (cut / PAIRS).read_text() == (full / PAIRS).read_text()
     assert (cut / KTO).read_text() == (full / KTO).read_text()
+
+
+@pytest.mark.slow
+def test_builder_on_the_embedded_default_with_real_asdiv(smollm2_dir, raw_data, tmp_path):
+    """SmolLM2-135M-Instruct samples real ASDiv problems (those of a stand-in SFT train file):
+    its answers are scored by the eval's checker, and a model this small is right on few, so
+    most pairs take the gold answer as chosen."""
+    rows = [json.loads(x) for x in Path(raw_data["asdiv"]).read_text().splitlines()[:12]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{r['passage']} {r['question']}"},
+                                                      {"role": "assistant", "content": r["answer"]}]}) + "\n"
+                             for r in rows))
+    out = tmp_path / "out"
+    conf = build(PairsConfig, {"model": str(smollm2_dir), "problems": str(raw_data["asdiv"]), "format": "asdiv",
+                               "train_path": str(train), "limit": 8, "k": 4, "max_new_tokens": 16, "chunk_size": 4,
+                               "temperature": 1.0, "seed": 0, "out_dir": str(out), "gold_as_chosen": True,
+                               "runtime": {"device": "cpu", "dtype": "float32", "batch_size": 16}})
+    s = build_pairs(conf, log)
+    assert s["problems"] == 8 and s["samples"] == 32
+    samples = _read(out / SAMPLES)
+    from forgelab.eval.answers import extract_answer, is_correct
+    for r in samples:  # every label is the eval's own verdict on the sample's text
+        assert all(x["correct"] == is_correct(extract_answer(x["text"]), r["gold"]) for x in r["samples"])
+    assert s["correct"] == sum(x["correct"] for r in samples for x in r["samples"])
+    pairs = _read(out / PAIRS)
+    assert len(pairs) == s["pairs"] > 0
+    assert (s["pairs_with_gold"] > 0) == (s["problems_none_correct"] > 0)  # gold stands in only where none was right
+    assert {p["id"].split("-")[0] for p in pairs} <= {r["id"] for r in samples}
+    assert len(_read(out / PROMPTS)) == 8
