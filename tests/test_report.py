@@ -208,17 +208,19 @@ def runs_root(raw_data, tmp_path_factory):
                   sweep={"name": "opt", "index": i, "overrides": {"steps.micro_batch_size": micro,
                                                                   "steps.grad_accum": accum}}, **kw)
 
-    # profile: collectives through a real one-rank gloo group
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29631")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        for name, backend, op in (("prof-ddp", "ddp", "all_reduce"), ("prof-zero3", "zero3_offload", "all_gather")):
-            r = TinyRun(blocks64, 2, 2, 2, 4, comm=op)
-            r.run_to(4)
-            write_run(root, name, r, backend=backend, track="profile", profile=True, **kw)
-    finally:
-        dist.destroy_process_group()
+    # profile: collectives through a real one-rank gloo group (its rendezvous env is restored
+    # afterwards, so later tests see the environment they were started with)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        mp.setenv("MASTER_PORT", os.environ.get("MASTER_PORT", "29631"))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            for name, backend, op in (("prof-ddp", "ddp", "all_reduce"), ("prof-zero3", "zero3_offload", "all_gather")):
+                r = TinyRun(blocks64, 2, 2, 2, 4, comm=op)
+                r.run_to(4)
+                write_run(root, name, r, backend=backend, track="profile", profile=True, **kw)
+        finally:
+            dist.destroy_process_group()
 
     # resume: uninterrupted 6 steps vs 3 steps + checkpoint + a fresh process state resuming
     full = TinyRun(blocks64, 2, 2, 1, 6, seed=1)

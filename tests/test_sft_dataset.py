@@ -36,7 +36,8 @@ def source_yaml(tmp_path, body):
 
 
 def test_default_asdiv_alpaca_with_columns(tmp_path, raw_data):
-    s, train, val, _ = build(tmp_path)
+    # GSM8K (optional) pointed at a file that is not there, whether or not the user added it
+    s, train, val, _ = build(tmp_path, f"sources.gsm8k.path={tmp_path / 'no-gsm8k' / 'train.jsonl'}")
     raw = read_jsonl(raw_data["asdiv"])
     assert s["sources"]["asdiv"]["records"] == len(raw) == 2305
     assert s["duplicates"] == 1 and s["bad_records"] == 0  # ASDiv holds one exact duplicate
@@ -177,10 +178,16 @@ def test_split_is_stable_when_data_is_added(tmp_path, raw_data):
 
 
 def test_gsm8k_from_the_shared_file(tmp_path, gsm8k_train):
-    s, train, val, _ = build(tmp_path, config=PROJECT_ROOT / "configs/data/sft_gsm8k.yaml")
+    """configs/data/sft_gsm8k.yaml on the shared GSM8K train file (7473 records), or on the
+    40-line sample of tests/data where that is absent."""
+    s, train, val, _ = build(tmp_path, f"sources.gsm8k.path={gsm8k_train}",
+                             config=PROJECT_ROOT / "configs/data/sft_gsm8k.yaml")
     src = s["sources"]["gsm8k"]
-    assert src["records"] == 7473 and src["bad"] == {}
-    assert len(train) + len(val) == 7473 - src["duplicates"]
+    n = len(gsm8k_train.read_text().splitlines())
+    if gsm8k_train == PROJECT_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl":
+        assert n == 7473
+    assert src["records"] == n and src["bad"] == {}
+    assert len(train) + len(val) == n - src["duplicates"] and len(train) > 0 and len(val) > 0
     for r in train[:500]:
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert re.search(r"#### -?[\d,.]+$", r["messages"][1]["content"])
