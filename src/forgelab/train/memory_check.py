@@ -14,13 +14,14 @@ def run_estimate(pre, mc, rt, world: int) -> tuple[dict | None, str | None]:
     conf = pre.conf
     seq = pre.train.seq_len
     meta = pre.train.meta
+    # batches padded to their longest row: the worst batch holds the longest sample (unpacked SFT)
+    # or sequence (text data tokenized by the run), padded to data.pad_to_multiple_of
+    longest = None
     if pre.train.kind == "sft" and not meta.get("packed", True):
-        # one sample per row, batches padded to their longest: the worst batch holds the longest sample
         longest = int((meta.get("sample_tokens") or {}).get("max") or seq)
-        mult = conf.data.pad_to_multiple_of
-        seq = min(seq, -(-longest // mult) * mult if mult else longest)
-    if "sequence_tokens" in meta:  # text data tokenized by the run: the longest sequence, padded as configured
+    elif "sequence_tokens" in meta:
         longest = int(meta["sequence_tokens"]["max"])
+    if longest is not None:
         mult = conf.data.pad_to_multiple_of
         seq = min(seq, -(-longest // mult) * mult if mult else longest)
     try:

@@ -97,18 +97,11 @@ class GRPO(TRLMethod):
         return {"train_dataset": train, "eval_dataset": ev,
                 "reward_funcs": [_reward_wrapper(n, f) for n, f in rewards.items()]}
 
-    @property
-    def flops_formula(self) -> str:
-        train = ("4*(N_nonemb+N_head) + 6*N_lora + 12*L*A*S" if self.trainable == "lora"
-                 else "6*(N_nonemb+N_head) + 12*L*A*S")
-        return train + " + generation forward 2*(N_nonemb+N_head) + 4*L*A*S (+ the same for the reference if beta > 0)"
+    extra_formula = " + generation forward 2*(N_nonemb+N_head) + 4*L*A*S (+ the same for the reference if beta > 0)"
 
-    def flops_per_token(self, counts, span: float, conf=None) -> float:
-        from ..flops import flops_per_token, forward_flops_per_token
-        f = flops_per_token(counts, span, lora=self.trainable == "lora") + forward_flops_per_token(counts, span)
-        if conf is not None and self.uses_reference(conf):
-            f += forward_flops_per_token(counts, span)
-        return f
+    def extra_forwards(self, conf) -> int:
+        # the generation's forward always; the reference's when there is a KL term
+        return 1 + int(conf is not None and self.uses_reference(conf))
 
     def sequence_lengths(self, pre, tokenizer) -> list[int]:
         # a prompt plus a full-length answer: the longest sequence the step trains on

@@ -123,15 +123,19 @@ class TRLMethod(Method):
     def flops_formula(self) -> str:
         train = ("4*(N_nonemb+N_head) + 6*N_lora + 12*L*A*S" if self.trainable == "lora"
                  else "6*(N_nonemb+N_head) + 12*L*A*S")
-        ref = " + reference forward 2*(N_nonemb+N_head) + 4*L*A*S" if self.reference == "model" else ""
-        return train + ref
+        return train + (self.extra_formula if self.reference == "model" else "")
+
+    extra_formula = " + reference forward 2*(N_nonemb+N_head) + 4*L*A*S"
+
+    def extra_forwards(self, conf) -> int:
+        """Forward passes per token beside the policy's training pass (without a config: the
+        method's usual ones): the reference's."""
+        return int(self.reference == "model") if conf is None else int(self.uses_reference(conf))
 
     def flops_per_token(self, counts, span: float, conf=None) -> float:
         from ..flops import flops_per_token, forward_flops_per_token
-        f = flops_per_token(counts, span, lora=self.trainable == "lora")
-        if conf is None or self.uses_reference(conf):
-            f += forward_flops_per_token(counts, span)
-        return f
+        return (flops_per_token(counts, span, lora=self.trainable == "lora")
+                + self.extra_forwards(conf) * forward_flops_per_token(counts, span))
 
     # -- memory estimate
     def estimate_terms(self, conf) -> dict[str, Any]:
