@@ -96,6 +96,25 @@ def test_pretrain_from_scratch_of_a_preset_with_its_tokenizer(tiny_model_dir, cp
     assert s["final_loss"] == losses[-1]
 
 
+def _separate_samples_loss(model_dir, ds, rows) -> float:
+    """Token-mean cross-entropy over the label tokens of packed rows, each sample forwarded alone."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in rows:
+            item = ds[i]
+            cuts = (item["position_ids"] == 0).nonzero().flatten().tolist() + [len(item["input_ids"])]
+            logits = torch.cat([model(input_ids=item["input_ids"][a:b][None]).logits[0]
+                                for a, b in zip(cuts, cuts[1:])])
+            labels = item["labels"][1:]
+            total += float(F.cross_entropy(logits[:-1], labels, ignore_index=-100, reduction="sum"))
+            n += int((labels != -100).sum())
+    return total / n
+
+
 def test_sft_lora_on_packed_rows_counts_real_tokens_and_saves_the_adapter(tiny_model_dir, sft_dir):
     from forgelab.data.sft_store import SFTDataset
     ds = SFTDataset(sft_dir)
@@ -110,6 +129,9 @@ def test_sft_lora_on_packed_rows_counts_real_tokens_and_saves_the_adapter(tiny_m
     real = sum(ds.row_length(i) for i in range(4))
     assert [r["step_tokens"] for r in metrics(run)] == [real] * 4
     assert s["tokens"] == 4 * real and s["sft_mode"] == "lora"
+    # LoRA starts as the identity, so step 1's loss is the base model's over the 4 rows; packed
+    # samples must not see each other: it equals the loss of each sample run on its own
+    assert metrics(run)[0]["loss"] == pytest.approx(_separate_samples_loss(tiny_model_dir, ds, range(4)), rel=1e-5)
     assert 0 < s["model"]["lora_params"] == s["model"]["trainable_params"] < s["model"]["params"] / 10
     assert s["flops_formula"].startswith("lora") and s["attention_span"] < 256 / 2  # within-sample span
     final = run / "final"

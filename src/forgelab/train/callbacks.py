@@ -48,7 +48,7 @@ class MetricsCallback(TrainerCallback):
     per optimizer step.
     """
 
-    def __init__(self, trainer, run_dir: Path, *, is_main: bool, world: int, tokens_vary: bool,
+    def __init__(self, trainer, run_dir: Path, *, is_main: bool, world: int,
                  flops_per_token: float, peak_flops: float | None, on_cuda: bool, tensorboard: bool,
                  resume_step: int = 0):
         self.trainer = trainer
@@ -57,7 +57,6 @@ class MetricsCallback(TrainerCallback):
         self.tb_dir = run_dir / "tb"
         self.is_main = is_main
         self.world = world
-        self.tokens_vary = tokens_vary
         self.fpt = flops_per_token
         self.peak = peak_flops
         self.on_cuda = on_cuda
@@ -113,8 +112,8 @@ class MetricsCallback(TrainerCallback):
     def _global_tokens(self, local: int) -> int:
         if self.world == 1:
             return local
-        if not self.tokens_vary:
-            return local * self.world  # fixed-length blocks: every rank sees the same count
+        # summed over what the ranks' batches held, even for fixed-length blocks: a rank that read
+        # a short or empty batch must not be counted as a full one
         import torch
         acc = self.trainer.accelerator
         t = torch.tensor([local], dtype=torch.int64, device=acc.device)

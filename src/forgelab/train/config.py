@@ -202,6 +202,8 @@ class MetricsSection:
     peak_flops: Optional[float] = field(None, help="peak FLOP/s per device for MFU; null = known GPU table "
                                                    "(H100 bf16 989e12) on CUDA, no MFU on CPU")
     steady_skip_steps: int = field(2, help="first steps left out of the steady-state throughput and MFU")
+    sample_digests: bool = field(False, help="write samples/rank<r>.jsonl: per optimizer step, a digest of every "
+                                             "item the rank trained on (which samples each rank saw, in order)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..config import ConfigError
 
 TOKENS_KEY = "_forgelab_tokens"
 SLOTS_KEY = "_forgelab_slots"     # token slots of the batch, padding included (for padding waste)
+DIGESTS_KEY = "_forgelab_digests"  # per item of the batch: a digest of its tokens (metrics.sample_digests)
 
 
 @dataclass
@@ -106,6 +107,44 @@ class SFTCollator:
         batch = collate_sft(features, self.pad_token_id, self.pad_to_multiple_of)
         batch[TOKENS_KEY] = int(sum(len(f["input_ids"]) for f in features))
         batch[SLOTS_KEY] = int(batch["input_ids"].numel())
+        return batch
+
+
+def _token_bytes(v) -> bytes:
+    if hasattr(v, "numpy"):
+        v = v.numpy()
+    if isinstance(v, (list, np.ndarray)):
+        try:
+            arr = np.asarray(v)
+        except ValueError:  # ragged: not a token array
+            arr = None
+        if arr is not None and arr.dtype.kind in "iu":
+            return arr.astype(np.int64).tobytes()
+    return json.dumps(v, sort_keys=True, default=str).encode()
+
+
+def item_digest(item) -> str:
+    """16 hex digits naming one training item by its content: the tokens (``input_ids``) of a
+    tokenized item, else every field of a TRL record (prompt, chosen, ...) in key order."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=8)
+    fields = {"input_ids": item["input_ids"]} if "input_ids" in item else item
+    for key in sorted(fields):
+        h.update(key.encode())
+        h.update(_token_bytes(fields[key]))
+    return h.hexdigest()
+
+
+class DigestCollator:
+    """Around any collator: the digests of the batch's items, for samples/rank<r>.jsonl."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        if isinstance(batch, dict):
+            batch[DIGESTS_KEY] = [item_digest(f) for f in features]
         return batch
 
 

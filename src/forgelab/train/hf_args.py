@@ -58,6 +58,9 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         dataloader_persistent_workers=conf.data.persistent_workers and conf.data.num_workers > 0,
         dataloader_prefetch_factor=conf.data.prefetch_factor if conf.data.num_workers > 0 else None,
         dataloader_drop_last=True, remove_unused_columns=False,
+        # the Trainer writes this into model.config: with a KV cache transformers drops the
+        # packed-sequence mask, and packed SFT samples would attend to each other
+        use_cache=False,
         use_cpu=not on_cuda, ddp_backend="gloo" if (not on_cuda and world > 1) else None,
         ddp_find_unused_parameters=conf.dist.find_unused_parameters,
         ddp_bucket_cap_mb=conf.dist.bucket_cap_mb, ddp_timeout=conf.dist.timeout_s,

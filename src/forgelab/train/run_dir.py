@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 
 # outputs of an earlier training session in a run dir (run.log and config.yaml are kept)
 RUN_OUTPUTS = ("metrics.jsonl", "eval_metrics.jsonl", "tb", "final", "profile", "train_summary.json",
-               "profile_summary.json", "resume_validation.json")
+               "profile_summary.json", "resume_validation.json", "samples")
 
 
 def prepare_run_dir(pre, is_main: bool) -> list[str]:

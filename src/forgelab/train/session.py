@@ -15,7 +15,7 @@ from ..runs import Run, read_json
 from . import checkpoint as ckpt
 from . import runtime, summary
 from .callbacks import MetricsCallback, StopCallback, truncate_metrics
-from .data import CountingCollator, attention_span
+from .data import CountingCollator, DigestCollator, attention_span
 from .flops import count_model, peak_flops
 from .hf_args import build_training_args
 from .memory_check import memory_warning, run_estimate
@@ -196,9 +196,13 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
     cls = trainer_class(method.trainer_base(conf))
     trainer = cls(model=model, args=args, processing_class=tokenizer, **method.trainer_parts(s, tokenizer),
                   run_dir=pre.run_dir, keep_last=conf.checkpoint.keep_last, timers=timers, flops_per_token=s.fpt,
-                  steady_skip=conf.metrics.steady_skip_steps, loss_chunk=s.loss_chunk)
+                  steady_skip=conf.metrics.steady_skip_steps, loss_chunk=s.loss_chunk,
+                  sample_log=pre.run_dir / "samples" / f"rank{args.process_index}.jsonl"
+                  if conf.metrics.sample_digests else None)
     if not isinstance(trainer.data_collator, CountingCollator) and method.tokens_vary():
         trainer.data_collator = CountingCollator(trainer.data_collator)  # a TRL collator: count on the host
+    if conf.metrics.sample_digests:
+        trainer.data_collator = DigestCollator(trainer.data_collator)
     trainer.manifest_hash = conf.checkpoint.manifest
     resume_step = 0
     if pre.resume is not None:
@@ -210,8 +214,10 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
             kept = truncate_metrics(pre.run_dir / "metrics.jsonl", resume_step)
             truncate_metrics(pre.run_dir / "eval_metrics.jsonl", resume_step)
             run.log.info("metrics.jsonl: kept %d step records up to step %d", kept, resume_step)
+        if trainer.sample_log is not None:  # every rank keeps its own record of what it trained on
+            truncate_metrics(trainer.sample_log, resume_step)
     metrics_cb = MetricsCallback(trainer, pre.run_dir, is_main=s.is_main, world=s.world,
-                                 tokens_vary=method.tokens_vary(), flops_per_token=s.fpt, peak_flops=s.peak,
+                                 flops_per_token=s.fpt, peak_flops=s.peak,
                                  on_cuda=rt.on_cuda, tensorboard=conf.metrics.tensorboard, resume_step=resume_step)
     trainer.add_callback(metrics_cb)
     if conf.steps.stop_after_steps:

@@ -34,13 +34,14 @@ overridden are in hf_private.py, checked when a ForgeTrainer is built.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
 from . import hf_private
-from .data import SLOTS_KEY, TOKENS_KEY
+from .data import DIGESTS_KEY, SLOTS_KEY, TOKENS_KEY
 from .optim import decay_parameter_names
 from .profiling import StepTimers
 
@@ -51,7 +52,7 @@ class ForgeMixin:
     FLOP formula and the chunked loss."""
 
     def __init__(self, *args, run_dir: Path, keep_last: int, timers: StepTimers, flops_per_token: float,
-                 steady_skip: int = 0, loss_chunk: int = 0, **kwargs):
+                 steady_skip: int = 0, loss_chunk: int = 0, sample_log: Path | None = None, **kwargs):
         problems = hf_private.check(type(self))
         if problems:
             raise RuntimeError("this transformers version changed what the lab's atomic checkpoints rely on: "
@@ -68,6 +69,7 @@ class ForgeMixin:
         self.local_tokens = 0  # this rank's real and padded token slots over the session
         self.local_slots = 0
         self._micro_end = 0.0
+        self.sample_log = sample_log  # this rank's samples/rank<r>.jsonl (metrics.sample_digests)
         self.add_callback(_PhaseCallback(self))
 
     def pop_step_tokens(self) -> int:
@@ -80,6 +82,7 @@ class ForgeMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         with self.timers.time("data"):
             batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        digests: list[str] = []
         for b in batches:
             if not isinstance(b, dict):  # GRPO's list of prompt records: counted when answers are generated
                 continue
@@ -87,11 +90,18 @@ class ForgeMixin:
             self._step_tokens += n
             self.local_tokens += n
             self.local_slots += int(b.pop(SLOTS_KEY, n))
+            digests += b.pop(DIGESTS_KEY, [])
+        if self.sample_log is not None and batches:
+            # what this rank is about to train on in the coming optimizer step
+            self.sample_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.sample_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.global_step + 1, "items": digests}) + "\n")
         return batches, n_items
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(TOKENS_KEY, None)  # evaluation batches reach here with the counts still in
         inputs.pop(SLOTS_KEY, None)
+        inputs.pop(DIGESTS_KEY, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
