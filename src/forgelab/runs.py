@@ -27,6 +27,16 @@ def project_path(p: str | Path) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+def display_path(p: str | Path) -> str:
+    """Project-relative when inside the project (records and commands read the same on every
+    clone), else as given. abspath, not resolve: a venv's bin/python is a symlink to the base
+    interpreter and must stay the venv's."""
+    try:
+        return str(Path(os.path.abspath(p)).relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(p)
+
+
 def runs_dir(stage: str | None = None) -> Path:
     """runs/ (or $FORGELAB_RUNS_DIR, so tests and users can keep records elsewhere), or its
     <stage>/ folder."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import ConfigError, field
 from ..jsonl import iter_jsonl
-from ..runs import PROJECT_ROOT, fingerprint_paths, now_iso, project_path, write_json
+from ..runs import display_path, fingerprint_paths, now_iso, project_path, write_json
 
 FORMAT_VERSION = 1
 
@@ -259,19 +259,13 @@ def tokenize_file(src: Path, out: Path, conf: TokenizeCPTConfig, tok, eos: tuple
         "eos_token": eos[0], "eos_token_id": eos[1],
         "tokens_by_source": by_source,
         "tokenizer_path": conf.tokenizer, "tokenizer_fingerprint": tok_fp,
-        "data_fingerprint": fingerprint_paths([src]), "source": _display(src),
+        "data_fingerprint": fingerprint_paths([src]), "source": display_path(src),
         "created_at": now_iso(),
     }
     write_json(out / "meta.json", meta)
     return meta
 
 
-def _display(p: Path) -> str:
-    """Project-relative when inside the project, so metas read the same on every clone."""
-    try:
-        return str(p.resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(p)
 
 
 def run_tokenize(conf: TokenizeCPTConfig, log) -> dict:

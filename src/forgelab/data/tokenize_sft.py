@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..components import load_component
 from ..config import ConfigError, field
 from ..model.tokenizer_info import tokenizer_fingerprint, tokenizer_fingerprint_with_template
-from ..runs import fingerprint_paths, project_path
+from ..runs import display_path, fingerprint_paths, project_path
 from .sft_formats import BadRecord, check_conversation
 from .sft_store import IGNORE_INDEX, write_store
 
@@ -327,7 +327,7 @@ def tokenize_split(conf: TokenizeSFTConfig, tokenizer, src: Path, dst: Path, log
         "tokenizer_path": conf.tokenizer,
         "tokenizer_fingerprint": tokenizer_fingerprint(project_path(conf.tokenizer)),
         "data_fingerprint": fingerprint_paths([src]),
-        "source_file": str(src),
+        "source_file": display_path(src),
         "content_sha256": content.hexdigest()[:16],
     }
     if template is not None:  # training sets this template on the tokenizer it saves with the model

@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from ..config import RunError
-from ..runs import PROJECT_ROOT, project_path
+from ..runs import PROJECT_ROOT, display_path, project_path
 from .config import LM_EVAL_SETUP, LmEvalConfig
 
 # lm-eval must not reach for the hub: models and custom data are local, built-in tasks come
@@ -40,12 +40,6 @@ class LmEvalFailed(RuntimeError):
     """lm-eval exited with an error; the message has the tail of its log."""
 
 
-def rel(p: Path | str) -> str:
-    """A path relative to the project root when it is inside it (commands run from there)."""
-    try:  # abspath, not resolve: a venv's bin/python is a symlink to the base interpreter
-        return str(Path(os.path.abspath(p)).relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(p)
 
 
 def lm_eval_python(python: str) -> Path:
@@ -69,12 +63,12 @@ def lm_eval_version(python: Path, model: str = "hf") -> str:
     proc = subprocess.run([str(python), "-c", _PROBE, *(API_PACKAGES if model != "hf" else ())],
                           capture_output=True, text=True)
     if proc.returncode:
-        raise LmEvalMissing(f"{rel(python)} (key lm_eval.python) has no lm-eval installed: run "
+        raise LmEvalMissing(f"{display_path(python)} (key lm_eval.python) has no lm-eval installed: run "
                             f"`{LM_EVAL_SETUP}`")
     info = json.loads(proc.stdout)
     if info["missing"]:
-        raise LmEvalMissing(f"lm_eval.model {model} needs lm-eval's API extras, missing in {rel(python)}: "
-                            f"{', '.join(info['missing'])}; install them with `{rel(python)} -m pip install "
+        raise LmEvalMissing(f"lm_eval.model {model} needs lm-eval's API extras, missing in {display_path(python)}: "
+                            f"{', '.join(info['missing'])}; install them with `{display_path(python)} -m pip install "
                             f"'lm-eval[api]=={info['version']}'`")
     return info["version"]
 
@@ -82,10 +76,10 @@ def lm_eval_version(python: Path, model: str = "hf") -> str:
 def model_args(conf: LmEvalConfig, model_dir: Path, dtype: str, server: dict | None = None) -> str:
     """--model_args: the model (or the server serving it) set here, lm_eval.model_args on top."""
     if server is None:
-        args = {"pretrained": rel(model_dir), "dtype": dtype}
+        args = {"pretrained": display_path(model_dir), "dtype": dtype}
     else:
         args = {"model": server["request_model"], "base_url": f"{server['url']}/{ENDPOINTS[conf.model]}",
-                "tokenizer": rel(model_dir), "tokenizer_backend": "huggingface"}
+                "tokenizer": display_path(model_dir), "tokenizer_backend": "huggingface"}
         if conf.model == "local-chat-completions":
             args["tokenized_requests"] = "False"  # chat endpoints take messages, not token ids
     args.update(conf.model_args)
@@ -94,11 +88,11 @@ def model_args(conf: LmEvalConfig, model_dir: Path, dtype: str, server: dict | N
 
 def build_command(conf: LmEvalConfig, python: Path, margs: str, out_dir: Path, device: str | None) -> list[str]:
     """The lm-eval command line; paths relative to the project root, where it runs."""
-    cmd = [rel(python), "-m", "lm_eval", "run", "--model", conf.model, "--model_args", margs,
+    cmd = [display_path(python), "-m", "lm_eval", "run", "--model", conf.model, "--model_args", margs,
            "--tasks", ",".join(conf.tasks), "--batch_size", str(conf.batch_size or "auto"),
-           "--output_path", rel(out_dir), "--log_samples"]
+           "--output_path", display_path(out_dir), "--log_samples"]
     if conf.include_path:
-        cmd += ["--include_path", rel(project_path(conf.include_path))]
+        cmd += ["--include_path", display_path(project_path(conf.include_path))]
     if conf.num_fewshot is not None:
         cmd += ["--num_fewshot", str(conf.num_fewshot)]
     if conf.limit:
@@ -182,7 +176,7 @@ def serving(conf: LmEvalConfig, model_dir: Path, label: str, log):
     sc = cfg.load(ServeConfig, [project_path(conf.serve_config)], list(conf.serve_overrides))
     sc = dataclasses.replace(sc, model=str(model_dir), port=server.free_port(sc.host),
                              name=f"lm-eval-{label}-{os.getpid()}")
-    log.info("lm-eval %s: serving %s with %s (%s) for lm-eval", label, rel(model_dir), sc.backend,
+    log.info("lm-eval %s: serving %s with %s (%s) for lm-eval", label, display_path(model_dir), sc.backend,
              conf.serve_config)
     with server.running(sc, progress=True) as state:
         yield state, sc.resolved_api_key()
@@ -204,11 +198,11 @@ def evaluate(conf: LmEvalConfig, label: str, model_dir: Path, device: str, dtype
         shown = command_line(cmd, env)
         if key:
             env["OPENAI_API_KEY"] = key  # lm-eval's API models send it as the bearer token
-        log.info("lm-eval %s: %s (log %s)", label, shown, rel(out_dir / "lm_eval.log"))
+        log.info("lm-eval %s: %s (log %s)", label, shown, display_path(out_dir / "lm_eval.log"))
         seconds = run_command(cmd, env, out_dir / "lm_eval.log")
     got = read_results(out_dir)
     out = {"tasks": got["tasks"], "higher_is_better": got["higher_is_better"], "command": shown,
-           "output_dir": rel(out_dir), "results_file": rel(got["results_file"]), "seconds": round(seconds, 1)}
+           "output_dir": display_path(out_dir), "results_file": display_path(got["results_file"]), "seconds": round(seconds, 1)}
     if state:
         out["server"] = {k: state.get(k) for k in ("name", "backend", "url", "request_model", "startup_seconds")}
     return out

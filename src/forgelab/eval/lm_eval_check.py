@@ -30,7 +30,7 @@ import yaml
 
 from ..jsonl import iter_jsonl
 from ..report.render import Report
-from ..runs import PROJECT_ROOT, atomic_write_text
+from ..runs import PROJECT_ROOT, atomic_write_text, display_path
 from .data import LETTERS
 from .lm_eval_backend import OFFLINE_ENV, newest_output, run_command
 from .mmlu import build_prompt
@@ -78,7 +78,7 @@ def lm_eval_command(venv: Path, model_path: Path, tasks: list[str], task_dir: Pa
                     batch_size: int, out_dir: Path, device: str = "cpu", dtype: str = "float32",
                     extra: tuple[str, ...] = ()) -> list[str]:
     """The lm-eval command line, paths relative to the project root (where it runs)."""
-    venv, model_path, task_dir, out_dir = (_rel(p) for p in (venv, model_path, task_dir, out_dir))
+    venv, model_path, task_dir, out_dir = (display_path(p) for p in (venv, model_path, task_dir, out_dir))
     return [str(Path(venv) / "bin" / "lm-eval"), "run", "--model", "hf",
             "--model_args", f"pretrained={model_path},dtype={dtype}",
             "--tasks", ",".join(tasks), "--include_path", str(task_dir),
@@ -86,11 +86,6 @@ def lm_eval_command(venv: Path, model_path: Path, tasks: list[str], task_dir: Pa
             "--output_path", str(out_dir), "--log_samples", *extra]
 
 
-def _rel(p: Path | str) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(p)
 
 
 def run_lm_eval(cmd: list[str], log_path: Path, threads: int) -> float:
@@ -274,7 +269,7 @@ def run_check(conf, run, venv: Path, few_shot_limit: int, batch_size: int, threa
     hw = hardware()
     return {
         "date": now_iso(), "command": command, "lm_eval_commands": lm_cmds, "model": spec.path,
-        "data": conf.mmlu.path, "lm_eval_venv": _rel(venv), "lm_eval_batch_size": batch_size,
+        "data": conf.mmlu.path, "lm_eval_venv": display_path(venv), "lm_eval_batch_size": batch_size,
         "threads": threads, "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "subset": {"subjects": list(full["scored"]), "per_subject_limit": conf.mmlu.per_subject_limit,
                    "few_shot_limit": few_shot_limit, "exemplar_source": full["exemplar_source"]},

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonl import iter_jsonl
-from ..runs import PROJECT_ROOT, project_path
+from ..runs import display_path, project_path
 
 # How an item is identified and where its outcome is, tried in order on a file's first record.
 # A new task needs an entry here only when its records use other field names.
@@ -361,11 +361,6 @@ def pairs(names: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _shown(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(p)
 
 
 def model_tasks(name: str, entry: dict) -> tuple[Path, list[str], set[str]]:
@@ -397,7 +392,7 @@ def compare_view(view: dict, *, alpha: float = 0.05, n_boot: int = 10000, seed: 
             if not path.is_file():
                 what = ("is missing" if task in info[name][2] else
                         f"does not exist ({name} was not evaluated on {label(task)})")
-                cache[name, task] = PairingError(f"{_shown(path)} {what}")
+                cache[name, task] = PairingError(f"{display_path(path)} {what}")
             else:
                 try:
                     cache[name, task] = load_predictions(path)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..report.render import Report
-from ..runs import PROJECT_ROOT, now_iso
+from ..runs import display_path, now_iso
 from .paired import compare_view, markdown_lines as paired_section
 
 
@@ -147,11 +147,6 @@ def _fmt(row: dict, v) -> str:
     return f"{v:.3f}" if row["fmt"] in ("ppl", "num") else _pct(v, row.get("n"))
 
 
-def _rel(p: str) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(p)
 
 
 def markdown(view: dict, paired: dict | None = None) -> str:
@@ -260,7 +255,7 @@ def markdown(view: dict, paired: dict | None = None) -> str:
         L.append(_code_protocol(prot["code"]))
     L += ["", "## Runs", ""]
     for n, m in models.items():
-        L.append(f"- {n}: `{_rel(m['run'])}` (finished {m.get('finished_at')})")
+        L.append(f"- {n}: `{display_path(m['run'])}` (finished {m.get('finished_at')})")
     L.append("")
     return "\n".join(L)
 
@@ -296,7 +291,7 @@ def _code_protocol(c: dict) -> str:
 def to_json(view: dict, paired: dict | None = None) -> dict:
     return {"generated_at": now_iso(),
             "commands": list(dict.fromkeys(m["command"] for m in view["models"].values())),
-            "runs": [_rel(r) for r in view["runs"]], "protocol": view["protocol"],
+            "runs": [display_path(r) for r in view["runs"]], "protocol": view["protocol"],
             "table": [{"metric": r["metric"].strip(), "key": r["key"], "values": r["values"],
                        **({"n": r["n"]} if "n" in r else {})} for r in rows(view)],
             "models": {n: {k: v for k, v in m.items() if k != "results"} | {"results": _strip(m["results"])}
