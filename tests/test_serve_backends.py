@@ -46,7 +46,7 @@ def served(request, tiny_model_dir):
                      "vllm.served_model_name=tiny", "vllm.max_num_seqs=8",
                      # one process fewer to import: starts ~30 s sooner on 2 busy cores
                      "vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}",
-                     "vllm.extra_args=[--distributed-executor-backend, uni]"])
+                     "vllm.extra_args=[--distributed-executor-backend, uni]", "transformers.prompt_log=true"])
     with server.running(conf) as state:
         yield SimpleNamespace(backend=backend, state=state, ep=server.endpoint_from_state(state),
                               model_dir=tiny_model_dir)
@@ -121,8 +121,8 @@ def test_served_prompt_equals_sft_tokenization(served):
     up to and including the assistant generation prompt.
 
     vLLM: its /tokenize endpoint renders messages with add_generation_prompt -> exact ids.
-    transformers serve exposes no token ids: its usage.prompt_tokens is compared to the length
-    (it renders with the same tokenizer files, so equal length here means the same template)."""
+    transformers serve exposes no token ids: the guard's prompt log (transformers.prompt_log)
+    records the ids its generate() received. Both report the same count in usage."""
     from transformers import AutoTokenizer
 
     from forgelab.data.tokenize_sft import encode_conversation
@@ -146,6 +146,9 @@ def test_served_prompt_equals_sft_tokenization(served):
         assert t["tokens"] == prompt_ids
     r = chat_once(served.ep, conv[:-1], max_tokens=1)
     assert r["usage"]["prompt_tokens"] == len(prompt_ids)
+    if served.backend == "transformers":
+        log = server.server_dir(served.state["name"]) / "prompt_ids.jsonl"
+        assert json.loads(log.read_text().splitlines()[-1])["prompt_ids"] == prompt_ids
 
 
 def test_short_benchmark(served, tmp_path):

@@ -143,3 +143,12 @@ def test_batch_inputs_and_torn_output(tmp_path, caplog):
 def test_server_records_follow_runs_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGELAB_RUNS_DIR", str(tmp_path / "r"))
     assert server_dir("x") == tmp_path / "r" / "serve" / "x"
+
+
+
+def test_prompt_log_needs_the_guard(no_key_env):
+    cmd, env = build_command(load("transformers.prompt_log=true", "name=logged"))
+    assert cmd[2] == "forgelab.serve.transformers_guard"
+    assert env["FORGELAB_SERVE_PROMPT_LOG"] == str(server_dir("logged") / "prompt_ids.jsonl")
+    with pytest.raises(cfg.ConfigError, match="prompt_log needs transformers.guard: true"):
+        build_command(load("transformers.prompt_log=true", "transformers.guard=false"))

@@ -48,6 +48,8 @@ class TransformersSettings:
                                             "(--cb-max-batch-tokens); null: sized from free memory")
     guard: bool = field(True, help="run inside forgelab's guard: malformed chat requests get 400 instead "
                         "of 500, and api_key is enforced; false runs the plain `transformers serve` CLI")
+    prompt_log: bool = field(False, help="guard: append the token ids of every prompt the model received to "
+                             "<server dir>/prompt_ids.jsonl (exact chat-template checks; off: it grows per request)")
     extra_args: list[str] = field([], help="further `transformers serve` arguments, passed as given")
     env: dict[str, str] = field({}, help="extra environment for the server")
 

@@ -23,6 +23,7 @@ from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, project_path, read_
 from .client import Endpoint, RequestError, chat_once, get_json
 from .config import ServeConfig
 from .transformers_guard import KEY_ENV as GUARD_KEY_ENV
+from .transformers_guard import PROMPT_LOG_ENV as GUARD_PROMPT_LOG_ENV
 
 LOG_TAIL_LINES = 40
 
@@ -105,10 +106,15 @@ def build_command(conf: ServeConfig) -> tuple[list[str], dict[str, str]]:
             cmd = [sys.executable, "-m", "forgelab.serve.transformers_guard", *args]
             if key:
                 env[GUARD_KEY_ENV] = key
+            if t.prompt_log:
+                env[GUARD_PROMPT_LOG_ENV] = str(server_dir(conf.server_name) / "prompt_ids.jsonl")
         else:
             if key:
                 raise cfg.ConfigError("transformers serve has no API key of its own: keep "
                                       "transformers.guard: true to serve with an API key")
+            if t.prompt_log:
+                raise cfg.ConfigError("transformers.prompt_log needs transformers.guard: true (the guard records "
+                                      "the prompts)")
             cmd = [str(Path(sys.executable).with_name("transformers")), "serve", *args]
         env.update(t.env)
     return cmd, env

@@ -3,7 +3,8 @@
 - answers malformed chat/completion bodies with 400 (upstream raises KeyError/TypeError inside
   the handler and answers 500, which clients retry as if the server were broken), and
 - enforces an API key (upstream has none), read from FORGELAB_SERVE_API_KEY so the key never
-  shows on a command line.
+  shows on a command line, and
+- on request (transformers.prompt_log), records the token ids of every prompt the model gets.
 
 Run as ``python -m forgelab.serve.transformers_guard [transformers serve arguments]``.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 
 KEY_ENV = "FORGELAB_SERVE_API_KEY"
+PROMPT_LOG_ENV = "FORGELAB_SERVE_PROMPT_LOG"  # transformers.prompt_log: where the prompts' ids go
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
 _NUM_FIELDS = ("temperature", "top_p", "frequency_penalty")
@@ -107,12 +109,34 @@ async def _error(send, status: int, message: str, kind: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def record_prompt_ids(path: str) -> None:
+    """Append the ids of every prompt that reaches ``generate`` to ``path`` (one JSON line per
+    request): what the server's chat template and tokenizer made of the messages, read from
+    the model's own input rather than re-rendered beside it."""
+    import threading
+
+    from transformers.generation.utils import GenerationMixin
+    original, lock = GenerationMixin.generate, threading.Lock()
+
+    def generate(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and hasattr(ids, "tolist"):
+            with lock, open(path, "a", encoding="utf-8") as f:
+                for row in ids.tolist():
+                    f.write(json.dumps({"prompt_ids": row}) + "\n")
+        return original(self, *args, **kwargs)
+
+    GenerationMixin.generate = generate
+
+
 def main(argv: list[str]) -> None:
     import transformers.cli.serving.server as server_mod
     import uvicorn
     from transformers.cli.transformers import app
 
     api_key = os.environ.pop(KEY_ENV, "")
+    if os.environ.get(PROMPT_LOG_ENV):
+        record_prompt_ids(os.environ[PROMPT_LOG_ENV])
     original_build, original_run = server_mod.build_server, uvicorn.Server.run
     installed = []
 
