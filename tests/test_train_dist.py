@@ -149,9 +149,10 @@ def test_profile_track_ddp_records_the_gradient_all_reduce(tiny_model_dir, cpt_d
     p = read_json(run / "profile_summary.json")
     s = read_json(run / "train_summary.json")
     ar = {c["op"]: c for c in p["comms"]}["all_reduce"]
-    # DDP reduces every gradient once per optimizer step (no_sync on the other micro-batches): fp32 bytes
-    assert ar["bytes_per_step"] == 4 * s["model"]["trainable_params"]
-    assert ar["calls_per_step"] >= 1 and ar["ms_per_step"] > 0
+    # DDP reduces every gradient once per optimizer step (no_sync on the other micro-batches): fp32
+    # bytes, and the step's token count (one int64) summed over the ranks
+    assert ar["bytes_per_step"] == 4 * s["model"]["trainable_params"] + 8
+    assert ar["calls_per_step"] >= 2 and ar["ms_per_step"] > 0
     assert p["trace_files"] == ["profile/trace_rank0.json", "profile/trace_rank1.json"]
     # matmul FLOPs counted by the profiler agree with the formula (embedding lookups are not matmuls)
     assert p["flops_per_step_profiler_per_rank"] == pytest.approx(p["flops_per_step_per_rank"], rel=0.05)
