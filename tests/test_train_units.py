@@ -331,3 +331,26 @@ def test_fp8_filter_skips_the_lm_head_and_odd_dims():
     assert kept == {"q_proj", "k_proj", "v_proj", "o_proj"}  # MLP: 120 is no multiple of 16; head skipped
     assert not keep(model.lm_head, "lm_head") and not keep(model.model.embed_tokens, "model.embed_tokens")
     assert fp8_filter(model, lm_head=True)(model.lm_head, "lm_head")  # the opt-in lever
+
+
+def test_item_digests_name_items_by_content_whatever_their_container():
+    """samples/rank<r>.jsonl compares what ranks trained on across runs and backends: a digest
+    must depend on the tokens only (tensor or array, int32 or int64), and on every field of a
+    TRL record; DigestCollator adds one per item and leaves the batch otherwise alone."""
+    import numpy as np
+    import torch
+
+    from forgelab.train.data import DIGESTS_KEY, TOKENS_KEY, CPTCollator, DigestCollator, item_digest
+    ids = [5, 17, 99, 3]
+    same = {item_digest({"input_ids": v, "labels": v}) for v in
+            (torch.tensor(ids), np.asarray(ids, dtype=np.int32), ids)}
+    assert len(same) == 1 and len(next(iter(same))) == 16
+    assert item_digest({"input_ids": [5, 17, 99, 4]}) not in same
+    pair = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}]}
+    assert item_digest(pair) != item_digest(dict(pair, rejected=[{"role": "assistant", "content": "6"}]))
+    feats = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)},
+             {"input_ids": torch.tensor(ids[::-1]), "labels": torch.tensor(ids[::-1])}]
+    batch = DigestCollator(CPTCollator())(feats)
+    assert batch[DIGESTS_KEY] == [item_digest(f) for f in feats] and batch[TOKENS_KEY] == 8
+    assert batch["input_ids"].shape == (2, 4)
