@@ -142,14 +142,13 @@ def _coerce(tp: Any, value: Any, key: str, origins: dict) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(a, value, key, origins)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue  # the next member of the union may take it; the error names them all
         raise ConfigError(f"key '{key}'{_where(key, origins)}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)

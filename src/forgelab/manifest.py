@@ -62,6 +62,8 @@ def verify(d: str | Path) -> tuple[str, list[str]]:
         files = body["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return "bad", [f"{NAME} is unreadable ({type(e).__name__}: {e})"]
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        return "bad", [f"{NAME} is malformed: 'files' must map each file to its record"]
     problems = []
     for rel, rec in files.items():
         p = d / rel

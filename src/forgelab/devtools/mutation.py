@@ -220,6 +220,9 @@ JUDGED: tuple[tuple[str | None, str | None, str, str], ...] = (  # None: any fil
     (_MG, "render_prompts", "tokenize=None", "equivalent mutant: None is falsy like False"),
     (_MG, "peft_reference", "from_pretrained(base, dtype=None)", _WIDEN),
     (_MG, "peft_reference", "from_pretrained(base, )", _WIDEN),
+    (_MG, "peft_reference", "is_trainable=False).to(None)", "equivalent mutant here: peft loads the adapter in the "
+     "base model's dtype (float64 here), so the cast changes nothing"),
+    (_MG, "merge_lora", 'float("INF")', "equivalent mutant: float() reads 'INF' as infinity too"),
     (_MG, "peft_reference", "is_trainable=None", "equivalent mutant: None is falsy like the default False"),
     (_MG, "peft_reference", "from_pretrained(model, adapter, ).to(dt)", "equivalent mutant: is_trainable defaults "
                                                                          "to False"),
@@ -553,7 +556,7 @@ def markdown(rep: dict) -> str:
              f"- command: `{rep['command']}`",
              f"- score = {rep['score_rule']}; a timeout counts as detected; \"no tests\" means no chosen "
              "test reaches the function, and counts as a survivor",
-             "- only the functions listed per area are mutated, each against its area's fast tests only", "",
+             "- only the functions listed per area are mutated, each against its area's fast tests only",
              "- \"of them equivalent\": survivors judged equivalent below; the last column sets them aside", "",
              "| area | module | mutants | killed | timeout | survived | no tests | incompetent | not checked "
              "| score | of them equivalent | score without equivalent |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
