@@ -20,6 +20,7 @@
 #          (runtime.fp8_lm_head); $OUT/fp8head_compare.json
 #   fp8long17  120 steps, 10-step warm-up, on .gpu/cpt2048L (2,063 blocks): bf16, tensorwise + LM
 #          head, tensorwise; $OUT/fp8long_compare.json
+#   fp8stable17  the same at lr 3e-4: bf16, tensorwise + LM head, bf16 again; $OUT/fp8stable_compare.json
 #   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
@@ -164,6 +165,16 @@ for part in "${@:-cpt17}"; do
       bench p17-fp8L-tensorwise 190 "${L17[@]}" --set runtime.fp8=tensorwise
       python3 scripts/gpu/fp8_compare.py runs/train p17-fp8L-bf16 p17-fp8L-tensorwise-head p17-fp8L-tensorwise \
         --json "$OUT/fp8long_compare.json"
+      ;;
+    fp8stable17)  # fp8long17 at lr 3e-4, where the reference should not spike: bf16 twice (the noise)
+      # and tensorwise + LM head
+      S=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
+         --set metrics.steady_skip_steps=10 --set optim.lr=3e-4)
+      bench p17-fp8S-bf16 200 "${S[@]}"
+      bench p17-fp8S-tensorwise-head 170 "${S[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      bench p17-fp8S-bf16-r2 180 "${S[@]}"
+      python3 scripts/gpu/fp8_compare.py runs/train p17-fp8S-bf16 p17-fp8S-tensorwise-head p17-fp8S-bf16-r2 \
+        --json "$OUT/fp8stable_compare.json"
       ;;
     levers17c)  # at micro batch 16: fused AdamW off, checkpointing on, whole-model compile, loader workers, seq 4096
       B16=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=16 --set steps.grad_accum=1)
