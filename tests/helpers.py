@@ -119,16 +119,10 @@ def train_inproc(*args: str) -> None:
     from forgelab.train.entry import main
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    saved = os.environ.get("FORGELAB_COMMAND")
     try:
         rc = main(list(args))
     finally:
         torch.set_num_threads(threads)
-        # the entry point records its command in the environment: later runs must not inherit it
-        if saved is None:
-            os.environ.pop("FORGELAB_COMMAND", None)
-        else:
-            os.environ["FORGELAB_COMMAND"] = saved
     assert rc == 0
 
 

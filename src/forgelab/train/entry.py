@@ -433,10 +433,15 @@ def main(argv: list[str] | None = None) -> int:
             return run_session(pre, json.loads(args.plan_info) if args.plan_info else {})
 
     _driver_logging()
-    # the user's command, recorded in every run's summary (launchers set it before calling us)
-    os.environ.setdefault("FORGELAB_COMMAND", shlex.join(["python", "scripts/train.py", *(argv or sys.argv[1:])]))
+    # the user's command, recorded in every run's summary (launchers set it before calling us);
+    # set for this call only, so a caller that drives several runs in one process (a test, a
+    # notebook) does not hand one run's command to the next
+    given = os.environ.get("FORGELAB_COMMAND")
+    os.environ["FORGELAB_COMMAND"] = given or shlex.join(["python", "scripts/train.py", *(argv or sys.argv[1:])])
     kind, steps = make_plan(conf)
     with contextlib.ExitStack() as held:
+        held.callback(lambda: os.environ.pop("FORGELAB_COMMAND") if given is None
+                      else os.environ.update(FORGELAB_COMMAND=given))
         if not args.dry_run and os.environ.get("NODE_RANK", "0") == "0":
             # one process tree per run dir: a second launch with the same run name stops here
             for name in dict.fromkeys(st.run_name for st in steps):
