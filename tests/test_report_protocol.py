@@ -199,6 +199,7 @@ BENCH_VARIANTS = {
     "temperature": {"temperature": 0.7},
     "seed": {"seed": 1},
     "slo": {"slo": {"ttft": 500.0}},
+    "adapters": {"adapters": ["base", "math"]},  # a mixed-adapter workload
     "tokenizer_fingerprint": {},  # the same settings, another tokenizer (see _bench_run)
 }
 

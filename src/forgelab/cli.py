@@ -26,6 +26,7 @@ SCHEMAS = {
     "serve": "forgelab.serve.config:ServeConfig",
     "bench_serving": "forgelab.serve.bench_config:BenchServingConfig",
     "pairs": "forgelab.align.pairs:PairsConfig",
+    "export": "forgelab.export.config:ExportConfig",
 }
 
 

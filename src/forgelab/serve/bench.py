@@ -41,6 +41,7 @@ class BenchRequest:
     messages: list[dict]
     max_tokens: int
     prompt_len: int          # prompt tokens as the chat template renders them, by our tokenizer
+    model: str = ""          # mixed-adapter workload: the `model` this request sends ("" : the endpoint's)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class RequestResult:
     finish_reason: str | None = None
     max_tokens: int = 0
     chunk_times: list[float] = field(default_factory=list)  # seconds after the run began
+    model: str = ""          # the request's own `model` (mixed-adapter workload), else ""
 
     @property
     def tpot(self) -> float | None:
@@ -207,8 +209,27 @@ def build_requests(tok, conf: BenchServingConfig, log=None) -> list[BenchRequest
     rng = np.random.default_rng(conf.seed)
     n = conf.num_prompts + conf.warmup_requests
     if conf.workload == "random":
-        return random_requests(tok, conf, n, rng)
-    return conversation_requests(tok, conf, n, rng, log)
+        reqs = random_requests(tok, conf, n, rng)
+    else:
+        reqs = conversation_requests(tok, conf, n, rng, log)
+    assign_models(reqs, conf)
+    return reqs
+
+
+def assign_models(reqs: list[BenchRequest], conf: BenchServingConfig) -> None:
+    """Mixed-adapter workload: each request's `model` from conf.adapters, round-robin (warm-up
+    and measured requests each starting at the first name) or drawn by adapter_weights."""
+    names = conf.adapters
+    if not names:
+        return
+    w = conf.warmup_requests
+    if conf.adapter_weights:
+        p = np.asarray(conf.adapter_weights, dtype=float)
+        picks = np.random.default_rng(conf.seed + 2).choice(len(names), size=len(reqs), p=p / p.sum())
+    else:
+        picks = [(i if i < w else i - w) % len(names) for i in range(len(reqs))]
+    for r, k in zip(reqs, picks):
+        r.model = names[int(k)]
 
 
 def arrival_offsets(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
@@ -236,7 +257,9 @@ def run_one(ep: Endpoint, req: BenchRequest, extras: dict, conf: BenchServingCon
             t0: float) -> RequestResult:
     body = chat_body(ep, req.messages, max_tokens=req.max_tokens, temperature=conf.temperature,
                      stream=True, **extras)
-    res = RequestResult(req.idx, ok=False, max_tokens=req.max_tokens)
+    if req.model:
+        body["model"] = req.model
+    res = RequestResult(req.idx, ok=False, max_tokens=req.max_tokens, model=req.model)
     text: list[str] = []
     usage = None
     st = time.perf_counter()
@@ -290,7 +313,7 @@ def run_load(ep: Endpoint, reqs: list[BenchRequest], offsets: np.ndarray, concur
             r = run_one(ep, req, extras, conf, tok, t0)
         except Exception as e:  # noqa: BLE001 - a client-side fault must be counted, not lost in the pool
             r = RequestResult(req.idx, ok=False, error_kind="client_error",
-                              error=f"{type(e).__name__}: {e}", max_tokens=req.max_tokens)
+                              error=f"{type(e).__name__}: {e}", max_tokens=req.max_tokens, model=req.model)
         with lock:
             results.append(r)
             bar.update(1)
@@ -389,7 +412,28 @@ def summarize(results: list[RequestResult], duration: float, conf: BenchServingC
     if failed:
         s["first_errors"] = {k: next(r.error for r in failed if r.error_kind == k)
                              for k in s["failures_by_kind"]}
+    if conf.adapters:
+        s["per_adapter"] = {name: adapter_summary([r for r in results if r.model == name], duration, pct)
+                            for name in conf.adapters}
     return s
+
+
+def adapter_summary(results: list[RequestResult], duration: float, pct: list[float]) -> dict:
+    """One adapter's share of a mixed run; throughputs divide by the whole run's wall time, so
+    the adapters' rows add up to the totals."""
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    failed = [r for r in results if not r.ok]
+    return {"requests": len(results), "completed": len(ok), "failed": len(failed),
+            "failures_by_kind": dict(Counter(r.error_kind for r in failed)),
+            "first_error": failed[0].error if failed else None,
+            "total_output_tokens": out_tokens,
+            "request_throughput": len(ok) / duration if duration > 0 else 0.0,
+            "output_throughput": out_tokens / duration if duration > 0 else 0.0,
+            "ttft_ms": stats([r.ttft for r in ok if r.ttft is not None], pct),
+            "tpot_ms": stats([r.tpot for r in ok if r.tpot is not None], pct),
+            "itl_ms": stats([g for r in ok for g in r.itl], pct),
+            "e2el_ms": stats([r.latency for r in ok if r.latency is not None], pct)}
 
 
 # ----------------------------------------------------------------------------- the run

@@ -37,6 +37,11 @@ class BenchServingConfig:
                           "(overrides server)")
     model: str = field("", help="`model` sent in requests; empty: what the server expects")
     tokenizer: str = field("", help="tokenizer dir for prompts and token counts; empty: the served model")
+    adapters: list[str] = field([], help="mixed-adapter workload: `model` names requests are spread over "
+                                "(LoRA adapter names of a vLLM server, the base model's name allowed); "
+                                "the report gets a row per name. Empty: every request sends `model`")
+    adapter_weights: list[float] = field([], help="relative share of requests per entry of adapters (seeded "
+                                         "draw); empty: round-robin")
     request_profile: Literal["auto", "vllm", "transformers", "openai"] = field(
         "auto", help="which optional fields requests may carry (transformers serve rejects unknown "
         "ones with 422); auto: from the server's backend")
@@ -89,6 +94,13 @@ class BenchServingConfig:
             raise ConfigError("key 'percentiles': each must be in (0, 100)")
         if self.workload == "conversations" and not self.conversations.path:
             raise ConfigError("key 'conversations.path' is required for workload: conversations")
+        if self.adapter_weights and len(self.adapter_weights) != len(self.adapters):
+            raise ConfigError(f"key 'adapter_weights': {len(self.adapter_weights)} weights for "
+                              f"{len(self.adapters)} adapters")
+        if any(w < 0 for w in self.adapter_weights) or (self.adapter_weights and sum(self.adapter_weights) <= 0):
+            raise ConfigError("key 'adapter_weights': weights must be >= 0 with a positive sum")
+        if len(set(self.adapters)) != len(self.adapters) or any(not a for a in self.adapters):
+            raise ConfigError(f"key 'adapters': names must be non-empty and distinct, got {self.adapters}")
         if not self.server and not self.base_url:
             raise ConfigError("set 'server' (a name from scripts/10_serve.sh status) or 'base_url'")
 

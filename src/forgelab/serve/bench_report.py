@@ -148,6 +148,8 @@ def write_report(report: dict, pngs: dict[str, bytes], out_dir: Path, name: str,
 # ----------------------------------------------------------------------------- markdown
 
 def workload_desc(conf: dict) -> str:
+    if conf.get("adapters"):
+        return workload_desc({**conf, "adapters": []}) + f"; requests spread over models {conf['adapters']}"
     if conf["workload"] == "random":
         r = conf["random"]
         return (f"random tokens: input {r['input_len']}, output {r['output_len']} tokens, "
@@ -229,6 +231,8 @@ def markdown(report: dict, images: list[str]) -> str:
     if ol.get("count"):
         lines.append(f"\nOutput length (tokens): mean {ol['mean']:.1f}, min {ol['min']:.0f}, "
                      f"max {ol['max']:.0f}.")
+    if s.get("per_adapter"):
+        lines += adapter_table(s, conf)
     if s["failed"]:
         lines += ["", "## Failures", "", "| kind | count | first error |", "|---|---|---|"]
         for k, n in s["failures_by_kind"].items():
@@ -248,6 +252,24 @@ def markdown(report: dict, images: list[str]) -> str:
               "run (warm-up excluded). Goodput counts successful requests within every SLO. "
               "See docs/serving.md.", ""]
     return "\n".join(lines)
+
+
+def adapter_table(s: dict, conf: dict) -> list[str]:
+    """Per-adapter rows of a mixed-adapter run (one `model` name each) beside the totals."""
+    top = f"p{max(conf['percentiles']):g}"
+    how = ("weights " + ", ".join(f"{a}: {w:g}" for a, w in zip(conf["adapters"], conf["adapter_weights"]))
+           if conf.get("adapter_weights") else "round-robin")
+    lines = ["", f"## Per adapter ({how})", "",
+             f"| model | requests | ok | failed | req/s | output tok/s | TTFT median / {top} (ms) | "
+             f"TPOT median / {top} (ms) | E2E median / {top} (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = list(s["per_adapter"].items()) + [("**all**", s)]
+    for name, a in rows:
+        cell = lambda k: (f"{a[k]['median']:.1f} / {a[k][top]:.1f}" if a[k].get("count") else "-")  # noqa: E731
+        lines.append(f"| {name} | {a['requests']} | {a['completed']} | {a['failed']} | "
+                     f"{a['request_throughput']:.2f} | {a['output_throughput']:.1f} | {cell('ttft_ms')} | "
+                     f"{cell('tpot_ms')} | {cell('e2el_ms')} |")
+    lines.append("\nThroughputs per adapter divide its tokens by the whole run's wall time (rows add up to all).")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -299,7 +321,8 @@ def run_and_report(conf: BenchServingConfig, run_name: str | None = None, progre
 
 # Settings that define what was measured; runs that differ in any are not comparable.
 PROTOCOL_KEYS = ("workload", "random", "conversations", "num_prompts", "warmup_requests",
-                 "request_rate", "burstiness", "max_concurrency", "temperature", "seed", "slo")
+                 "request_rate", "burstiness", "max_concurrency", "temperature", "seed", "slo",
+                 "adapters")  # adapters: the names, or {name: weight} with adapter_weights
 
 
 def compare(run_dirs: list[Path], out_stem: Path, force: bool = False) -> str:
@@ -312,6 +335,8 @@ def compare(run_dirs: list[Path], out_stem: Path, force: bool = False) -> str:
         r = json.loads(f.read_text(encoding="utf-8"))
         fp = json.loads((Path(d) / "bench_summary.json").read_text(encoding="utf-8")).get("fingerprint", {})
         r["protocol"] = {k: r["config"].get(k) for k in PROTOCOL_KEYS}
+        names, weights = r["config"].get("adapters") or [], r["config"].get("adapter_weights") or []
+        r["protocol"]["adapters"] = dict(zip(names, weights)) if weights else names  # older runs: []
         r["protocol"]["tokenizer_fingerprint"] = fp.get("tokenizer_fingerprint")
         r["run_dir"] = os.path.relpath(d, PROJECT_ROOT) if Path(d).is_relative_to(PROJECT_ROOT) else str(d)
         reports.append(r)

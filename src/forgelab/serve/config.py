@@ -31,7 +31,13 @@ class VLLMSettings:
     reasoning_parser: str = field("", help="split reasoning from the answer, e.g. qwen3 (--reasoning-parser)")
     lora_modules: dict[str, str] = field({}, help="adapter name -> adapter dir, served on one base "
                                          "(--enable-lora --lora-modules name=path ...)")
-    max_lora_rank: int | None = field(None, help="largest LoRA rank among the adapters (--max-lora-rank)")
+    max_lora_rank: int | None = field(None, help="largest LoRA rank among the adapters (--max-lora-rank); "
+                                      "null: the smallest rank vLLM accepts that fits every adapter's r")
+    runtime_lora: dict[str, str] = field({}, help="adapter name -> adapter dir, loaded after the server is up "
+                                         "through POST /v1/load_lora_adapter (sets "
+                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING and --enable-lora)")
+    max_loras: int | None = field(None, help="adapters usable in one batch (--max-loras); null: all configured "
+                                  "adapters (vLLM's own default is 1, which serializes mixed requests)")
     extra_args: list[str] = field([], help="further api_server arguments, passed as given")
     env: dict[str, str] = field({}, help="extra environment for the server, e.g. VLLM_CPU_OMP_THREADS_BIND")
 
@@ -55,8 +61,21 @@ class TransformersSettings:
 
 
 @dataclass
+class LlamaCppSettings:
+    bin_dir: str = field("", help="dir holding llama-server; empty: $FORGELAB_LLAMACPP_HOME/0.3.36/bin "
+                         "(default ~/.cache/forgelab/llama.cpp/0.3.36/bin, where scripts/setup_llamacpp.sh "
+                         "installs it)")
+    ctx_size: int = field(4096, help="context tokens shared by all slots (-c); each slot gets ctx_size / n_parallel")
+    n_parallel: int = field(2, help="requests decoded at once, one slot each (-np)")
+    threads: int = field(0, help="CPU threads for decoding (-t); 0: the top-level threads key, else llama.cpp's default")
+    alias: str = field("", help="model name clients send and /v1/models lists (--alias); empty: the GGUF's file stem")
+    extra_args: list[str] = field([], help="further llama-server arguments, passed as given")
+    env: dict[str, str] = field({}, help="extra environment for the server")
+
+
+@dataclass
 class ServeConfig:
-    backend: Literal["transformers", "vllm"] = field("transformers", help="serving engine")
+    backend: Literal["transformers", "vllm", "llamacpp"] = field("transformers", help="serving engine")
     name: str = field("", help="server name: its records live in runs/serve/<name>/ (default: backend)")
     model: str = field("model/smollm2-135m-instruct", help="model dir (or hub id) to serve")
     host: str = field("127.0.0.1", help="listen address; a non-loopback one needs api_key")
@@ -70,15 +89,32 @@ class ServeConfig:
     vllm: VLLMSettings = field(VLLMSettings, help="settings used when backend is vllm")
     transformers: TransformersSettings = field(TransformersSettings,
                                                help="settings used when backend is transformers")
+    llamacpp: LlamaCppSettings = field(LlamaCppSettings, help="settings used when backend is llamacpp "
+                                       "(model is a .gguf file)")
 
     def validate(self) -> None:
+        if self.backend == "llamacpp":
+            if not self.model.lower().endswith(".gguf"):
+                raise ConfigError(f"key 'model': backend llamacpp serves a .gguf file, got {self.model!r} "
+                                  "(a transformers model dir: make a GGUF first, or use backend transformers/vllm)")
+            if self.llamacpp.n_parallel < 1 or self.llamacpp.ctx_size < self.llamacpp.n_parallel:
+                raise ConfigError("keys 'llamacpp.n_parallel' and 'llamacpp.ctx_size' must be >= 1 and "
+                                  "ctx_size >= n_parallel")
         if not 0 < self.port < 65536:
             raise ConfigError(f"key 'port': {self.port} is not a TCP port")
         if self.vllm.tensor_parallel_size < 1:
             raise ConfigError("key 'vllm.tensor_parallel_size' must be >= 1")
-        for name in self.vllm.lora_modules:
-            if not name or "=" in name or " " in name:
-                raise ConfigError(f"key 'vllm.lora_modules': bad adapter name {name!r}")
+        for key in ("lora_modules", "runtime_lora"):
+            for name in getattr(self.vllm, key):
+                if not name or "=" in name or " " in name:
+                    raise ConfigError(f"key 'vllm.{key}': bad adapter name {name!r}")
+                if name == self.vllm.served_model_name:
+                    raise ConfigError(f"key 'vllm.{key}': adapter name {name!r} is the served model's name")
+        both = set(self.vllm.lora_modules) & set(self.vllm.runtime_lora)
+        if both:
+            raise ConfigError(f"keys 'vllm.lora_modules' and 'vllm.runtime_lora' both name {sorted(both)}")
+        if self.vllm.max_loras is not None and self.vllm.max_loras < 1:
+            raise ConfigError("key 'vllm.max_loras' must be >= 1")
 
     @property
     def server_name(self) -> str:

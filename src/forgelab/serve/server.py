@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import config as cfg
 from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, project_path, read_json, runs_dir, write_json
 from .client import Endpoint, RequestError, chat_once, get_json
+from . import lora
 from .config import ServeConfig
 from .transformers_guard import KEY_ENV as GUARD_KEY_ENV
 from .transformers_guard import PROMPT_LOG_ENV as GUARD_PROMPT_LOG_ENV
@@ -82,15 +83,16 @@ def build_command(conf: ServeConfig) -> tuple[list[str], dict[str, str]]:
             cmd.append("--enforce-eager")
         if v.reasoning_parser:
             cmd += ["--reasoning-parser", v.reasoning_parser]
-        if v.lora_modules:
-            cmd += ["--enable-lora", "--lora-modules"]
-            cmd += [f"{n}={model_arg(p)}" for n, p in v.lora_modules.items()]
-            if v.max_lora_rank is not None:
-                cmd += ["--max-lora-rank", str(v.max_lora_rank)]
+        cmd += lora.lora_args(v)  # --enable-lora, --lora-modules, --max-lora-rank, --max-loras
+        if v.runtime_lora:
+            env[lora.RUNTIME_ENV] = "True"  # POST /v1/load_lora_adapter after start
         cmd += list(v.extra_args)
         if key:
             env["VLLM_API_KEY"] = key  # read by the api_server; keeps the key off the command line
         env.update(v.env)
+    elif conf.backend == "llamacpp":
+        cmd, lenv = llamacpp_command(conf, model)
+        env.update(lenv)
     else:
         t = conf.transformers
         args = [model, "--host", conf.host, "--port", str(conf.port), "--device", t.device,
@@ -120,8 +122,31 @@ def build_command(conf: ServeConfig) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
+def llamacpp_alias(conf: ServeConfig) -> str:
+    return conf.llamacpp.alias or Path(conf.model).stem
+
+
+def llamacpp_command(conf: ServeConfig, model: str) -> tuple[list[str], dict[str, str]]:
+    """llama-server with the GGUF's own chat template (--jinja). The API key goes through
+    LLAMA_API_KEY (llama-server reads it like --api-key), keeping it off the command line."""
+    from ..export.llamacpp import llamacpp_bin_dir
+    lc = conf.llamacpp
+    exe = (project_path(Path(lc.bin_dir).expanduser()) if lc.bin_dir else llamacpp_bin_dir()) / "llama-server"
+    cmd = [str(exe), "-m", model, "--host", conf.host, "--port", str(conf.port), "--jinja",
+           "-c", str(lc.ctx_size), "-np", str(lc.n_parallel), "--alias", llamacpp_alias(conf)]
+    threads = lc.threads or conf.threads
+    if threads:
+        cmd += ["-t", str(threads)]
+    cmd += list(lc.extra_args)
+    env = {"LLAMA_API_KEY": conf.resolved_api_key()} if conf.resolved_api_key() else {}
+    env.update(lc.env)
+    return cmd, env
+
+
 def request_model_name(conf: ServeConfig) -> str:
     """The `model` value requests must carry (transformers serve pins the path it loaded)."""
+    if conf.backend == "llamacpp":
+        return llamacpp_alias(conf)
     if conf.backend == "vllm":
         return conf.vllm.served_model_name or model_arg(conf.model)
     return model_arg(conf.model)
@@ -225,6 +250,21 @@ def start(conf: ServeConfig, log=None, progress: bool = True) -> dict:
     if conf.backend == "vllm" and not project_path(conf.vllm.python).exists():
         raise ServeError(f"vLLM interpreter {conf.vllm.python} not found: run "
                          "bash scripts/setup_vllm_cpu.sh (or set vllm.python)")
+    if conf.backend == "vllm":
+        try:  # adapter dirs are checked before vLLM spends a minute starting
+            for w in lora.preflight(conf)[1]:
+                (log.warning if log else say)("%s", w)
+        except lora.AdapterError as e:
+            raise ServeError(str(e)) from None
+    if conf.backend == "llamacpp":
+        from ..export.llamacpp import llamacpp_bin
+        try:
+            llamacpp_bin("llama-server", project_path(Path(conf.llamacpp.bin_dir).expanduser())
+                         if conf.llamacpp.bin_dir else None)
+        except cfg.RunError as e:
+            raise ServeError(str(e)) from None
+        if not project_path(conf.model).is_file():
+            raise ServeError(f"GGUF file {project_path(conf.model)} not found")
     model = model_arg(conf.model)
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or
                                      project_path(model.split("/")[0]).is_dir()):
@@ -258,6 +298,12 @@ def start(conf: ServeConfig, log=None, progress: bool = True) -> dict:
     try:
         wait_ready(proc, endpoint_from_state(state, conf.resolved_api_key()), conf.startup_timeout_s,
                    progress=progress)
+        if conf.backend == "vllm" and lora.adapters(conf.vllm):
+            try:
+                state["lora_adapters"] = lora.load_runtime(endpoint_from_state(state, conf.resolved_api_key()),
+                                                           conf.vllm, say)
+            except (RequestError, lora.AdapterError) as e:
+                raise ServeError(f"LoRA adapters: {e}") from None
     except BaseException as e:
         _kill_group(proc.pid, conf.stop_timeout_s)
         proc.wait(timeout=5)

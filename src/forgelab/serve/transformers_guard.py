@@ -111,8 +111,9 @@ async def _error(send, status: int, message: str, kind: str) -> None:
 
 def record_prompt_ids(path: str) -> None:
     """Append the ids of every prompt that reaches ``generate`` to ``path`` (one JSON line per
-    request): what the server's chat template and tokenizer made of the messages, read from
-    the model's own input rather than re-rendered beside it."""
+    request), and the ids it generated: what the server's chat template and tokenizer made of
+    the messages, read from the model's own input rather than re-rendered beside it, and the
+    exact tokens behind the answer text (the export gate compares them id for id)."""
     import threading
 
     from transformers.generation.utils import GenerationMixin
@@ -120,11 +121,17 @@ def record_prompt_ids(path: str) -> None:
 
     def generate(self, *args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        out = original(self, *args, **kwargs)
         if ids is not None and hasattr(ids, "tolist"):
+            seqs = getattr(out, "sequences", out)
+            seqs = seqs.tolist() if hasattr(seqs, "tolist") else [None] * len(ids)
             with lock, open(path, "a", encoding="utf-8") as f:
-                for row in ids.tolist():
-                    f.write(json.dumps({"prompt_ids": row}) + "\n")
-        return original(self, *args, **kwargs)
+                for row, full in zip(ids.tolist(), seqs):
+                    rec = {"prompt_ids": row}
+                    if full is not None and full[:len(row)] == row:
+                        rec["output_ids"] = full[len(row):]
+                    f.write(json.dumps(rec) + "\n")
+        return out
 
     GenerationMixin.generate = generate
 

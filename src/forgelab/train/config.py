@@ -57,6 +57,9 @@ class LoraSection:
     target_modules: Union[str, list[str]] = field("all-linear",
                                                   help="modules that get adapters: 'all-linear' or a list of names")
     modules_to_save: list[str] = field([], help="extra modules trained in full and saved with the adapter")
+    quantize_base: Literal["none", "nf4"] = field(
+        "none", help="nf4: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes, double quantization, "
+                     "bf16 compute); CUDA only, refused on CPU. Merging dequantizes the base first")
 
 
 @dataclass

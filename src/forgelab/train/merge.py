@@ -46,6 +46,10 @@ class MergeConfig:
         "float64", help="precision both models are evaluated in for the check; float64 measures the merged "
                         "weights, float32 adds fp32 evaluation noise (~1e-4 on SmolLM2 logits)")
     threads: Optional[int] = field(None, help="torch CPU threads (default: torch's)")
+    dequantize_base: Literal["auto", "nf4", "none"] = field(
+        "auto", help="nf4: the adapter was trained on an NF4 base (QLoRA): the base is quantized and "
+                     "dequantized the same way first, so the merge adds the adapter to the weights it "
+                     "trained against (CUDA + bitsandbytes); auto: from the training run's lora.quantize_base")
 
     def validate(self) -> None:
         if not self.prompts:
@@ -110,12 +114,42 @@ def _check_dtype(name: str):
     return {"float64": torch.float64, "float32": torch.float32}[name]
 
 
-def peft_reference(base: Path, adapter: Path, texts: list[str], tok, check_dtype: str = "float64"):
+def trained_on_nf4(adapter: Path, setting: str = "auto") -> bool:
+    """Whether the adapter's base was NF4 during training (its run's config.yaml says so)."""
+    if setting != "auto":
+        return setting == "nf4"
+    import yaml
+    for conf_file in (adapter / "config.yaml", adapter.parent / "config.yaml"):
+        if conf_file.is_file():
+            data = yaml.safe_load(conf_file.read_text(encoding="utf-8")) or {}
+            return ((data.get("lora") or {}).get("quantize_base") or "none") == "nf4"
+    return False
+
+
+def load_base(base: Path, dt, nf4: bool = False):
+    """The base model in dtype dt; nf4: quantized to NF4 and dequantized again (what QLoRA trained on)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    if not nf4:
+        return AutoModelForCausalLM.from_pretrained(base, dtype=dt)
+    if not torch.cuda.is_available():
+        raise ConfigError("this adapter was trained on an NF4 base (QLoRA): merging it needs the same NF4 "
+                          "rounding of the base, which bitsandbytes does on CUDA only; merge on a GPU machine "
+                          "(or set dequantize_base: none to merge into the unquantized base, knowingly)")
+    from transformers import BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=q,
+                                                 device_map={"": 0})
+    return model.dequantize().to("cpu", dt)
+
+
+def peft_reference(base: Path, adapter: Path, texts: list[str], tok, check_dtype: str = "float64",
+                   nf4: bool = False):
     """(PEFT model with base and adapter weights in the check dtype, its logits on the prompts)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     dt = _check_dtype(check_dtype)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dt)
+    model = load_base(base, dt, nf4)
     peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False).to(dt)
     peft_model.eval()
     return peft_model, prompt_logits(peft_model, tok, texts)
@@ -151,7 +185,10 @@ def merge_lora(conf: MergeConfig, log) -> dict:
     save_dtype = _dtype(conf.dtype, base)
 
     log.info("PEFT reference: %s + %s (%s, %d prompts)", base, adapter, conf.check_dtype, len(texts))
-    peft_model, reference = peft_reference(base, adapter, texts, tok, conf.check_dtype)
+    nf4 = trained_on_nf4(adapter, conf.dequantize_base)
+    if nf4:
+        log.info("QLoRA adapter: the base is NF4-quantized and dequantized before the merge")
+    peft_model, reference = peft_reference(base, adapter, texts, tok, conf.check_dtype, nf4)
     # merged in the check dtype, rounded once to the saved dtype
     merged = peft_model.merge_and_unload()
     in_memory = max_abs_diff(prompt_logits(merged, tok, texts), reference)
