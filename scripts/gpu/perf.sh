@@ -25,6 +25,7 @@
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
+#   qlora17 QLoRA (lora.quantize_base=nf4) vs bf16 LoRA on the sft17 data, tokens/s and peak memory
 #   pack   the packing check (per-sample logits, packed vs alone) on the GPU, sdpa and flex
 # Inputs: .gpu/tok, .gpu/cpt2048 (.gpu/cpt4096 for levers17c), .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
 # .whl (transformers, peft, liger-kernel wheels; torchao for fp8_17, fp8head17). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
@@ -204,6 +205,15 @@ for part in "${@:-cpt17}"; do
       bench s17-lora-packed-sdpa-blocks 150 "${S17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
         --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      ;;
+    qlora17)  # QLoRA (NF4 base, bitsandbytes) vs the bf16-autocast LoRA, same packed GSM8K-train rows,
+      # both eager (bitsandbytes' 4-bit layers are not compiled); needs the bitsandbytes wheel in .whl
+      # checkpointing off (speed) and on (activations small: the weights' memory shows)
+      for ck in false true; do for q in none nf4; do
+        bench s17-qlora-$q-ckpt-$ck 200 "${S17[@]}" --set runtime.gradient_checkpointing=$ck \
+          --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
+          --set steps.micro_batch_size=2 --set steps.grad_accum=1 --set lora.quantize_base=$q
+      done; done
       ;;
     pack)
       el "packing check"

@@ -93,7 +93,12 @@ def count_model(model, lora: bool = False) -> ModelCounts:
 
 
 def _numel(p) -> int:
-    # ZeRO-3 partitions parameters to empty tensors and keeps the real size in ds_numel
+    # ZeRO-3 partitions parameters to empty tensors and keeps the real size in ds_numel; a
+    # bitsandbytes 4-bit weight (QLoRA) packs two values per byte and keeps its shape in quant_state
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        import math
+        return int(math.prod(qs.shape))
     return int(getattr(p, "ds_numel", 0) or p.numel())
 
 
