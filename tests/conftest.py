@@ -161,6 +161,45 @@ def vllm_python(vllm_setup):
     return PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
 
 
+LLAMACPP_TESTS = ("tests/test_llamacpp.py", "tests/test_export_gate.py", "tests/test_export_gguf.py")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_setup(tmp_path_factory):
+    """scripts/setup_llamacpp.sh (builds llama.cpp once per machine, ~5 min on 2 cores; instant
+    when built) in the background, niced so the tests running meanwhile keep their cores.
+    Started at session start by _llamacpp_setup_early when llama.cpp tests are selected; its
+    outcome only matters to tests that ask for llamacpp_bin_dir."""
+    log = tmp_path_factory.mktemp("llamacpp-setup") / "setup.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["nice", "-n", "10", "bash", "scripts/setup_llamacpp.sh"], cwd=PROJECT_ROOT,
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    yield proc, log
+    if proc.poll() is None:  # the session ended first: stop the build (the script removes its scratch dir)
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _llamacpp_setup_early(request):
+    """Start the llama.cpp build with the session's first test, so a fresh machine builds while
+    the other tests run; nothing when no llama.cpp test is selected."""
+    if any(item.nodeid.startswith(LLAMACPP_TESTS) for item in request.session.items):
+        request.getfixturevalue("llamacpp_setup")
+    yield
+
+
+@pytest.fixture(scope="session")
+def llamacpp_bin_dir(llamacpp_setup) -> Path:
+    """The bin dir of the built llama.cpp tools (waits for the background build)."""
+    from forgelab.export.llamacpp import llamacpp_bin_dir as bin_dir
+    proc, log = llamacpp_setup
+    rc = proc.wait(timeout=2400)
+    assert rc == 0, f"scripts/setup_llamacpp.sh failed:\n{log.read_text()[-4000:]}"
+    return bin_dir()
+
+
 def _problems(raw_data, n: int) -> list[tuple[str, str, int]]:
     """(question, gold answer text, gold number) of the first n one-number ASDiv problems."""
     from forgelab.eval.answers import asdiv_gold

@@ -34,6 +34,7 @@ class Deliverable:
     qtype: str = field("", help="gguf: F32, F16, Q8_0, Q4_0, Q4_1 (gguf package) or Q4_K_M, Q5_K_M, Q6_K "
                        "(llama.cpp's quantizer); mixed: a policy (fishai, int8, int4, fp16)")
     servers: list[str] = field([], help="servers to gate it on; [] = every one that runs the format")
+    group_size: int = field(0, help="mixed: INT4 group size of this deliverable; 0: mixed_group_size")
     tolerance: Literal["auto", "exact", "int8", "int4"] = field(
         "auto", help="which tolerance applies; auto: from the format and qtype")
 

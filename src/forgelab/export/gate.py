@@ -184,14 +184,12 @@ class LlamaCpp(Runner):
     def greedy(self, messages, n):
         r = self.lc.greedy(self.ep, self.prompt_ids(messages), n)
         ids, lps, stopped = _strip_end(list(r["ids"]), r.get("logprobs"), self.eos)
-        return Greedy(ids, lps, stopped or bool(r.get("stopped")))
+        return Greedy(ids, lps, stopped or r.get("stop_type") == "eos")
 
     def score(self, ids):
-        fn = getattr(self.lc, "prompt_logprobs", None)
-        return fn(self.ep, ids) if fn else None
-
-    def why_no_score(self):
-        return "" if getattr(self.lc, "prompt_logprobs", None) else "llama-server scores no prompt tokens"
+        # llama-server returns no prompt log-probabilities: one forced token per position, each
+        # reusing the cached prefix (llamacpp_client.prompt_logprobs says how)
+        return self.lc.prompt_logprobs(self.ep, ids)
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -106,7 +106,7 @@ def export_one(d, model_dir: Path, staging: Path, conf: ExportConfig, tok, log) 
     out = staging / d.name
     if d.format == "mixed":
         from .mixed import export_mixed
-        stats = export_mixed(model_dir, out, policy=d.qtype, group_size=conf.mixed_group_size,
+        stats = export_mixed(model_dir, out, policy=d.qtype, group_size=d.group_size or conf.mixed_group_size,
                              clip_search=conf.mixed_clip_search, log=log)
         stats = {"bytes": _dir_bytes(out, (".safetensors",)), **_plain(stats)}
     else:
@@ -215,6 +215,7 @@ def open_runner(d, path: Path, server: str, conf: ExportConfig, eos: set[int]):
 def _publish(src: Path, dest: Path) -> None:
     """Move a gated deliverable into place by renames; an older one is replaced whole."""
     old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         os.replace(dest, old)
     os.replace(src, dest)
@@ -283,7 +284,8 @@ def _run(conf, run, model_dir, out_root, staging, log) -> dict:
         ran = [r for r in rows if r["passed"] is not None]
         ok = bool(ran) and all(r["passed"] for r in ran)
         stage = G.diverging_stage(rows)
-        entry = {"name": d.name, "format": d.format, "qtype": d.qtype, "tolerance": cls, "stats": stats,
+        qtype = f"{d.qtype} g{d.group_size or conf.mixed_group_size}" if d.format == "mixed" else d.qtype
+        entry = {"name": d.name, "format": d.format, "qtype": qtype, "tolerance": cls, "stats": stats,
                  "rows": rows, "passed": ok, "diverged_at": stage}
         if ok and d.format != "hf":
             _publish(path, out_root / d.name)
