@@ -26,11 +26,9 @@ DELIVERABLES = [
     {"name": "f16", "format": "gguf", "qtype": "F16"},
     {"name": "q8_0", "format": "gguf", "qtype": "Q8_0"},
     {"name": "q4_0", "format": "gguf", "qtype": "Q4_0"},
-    {"name": "q4_1", "format": "gguf", "qtype": "Q4_1"},
     {"name": "q4_k_m", "format": "gguf", "qtype": "Q4_K_M"},
     {"name": "fishai", "format": "mixed", "qtype": "fishai"},
     {"name": "int8", "format": "mixed", "qtype": "int8"},
-    {"name": "fp16", "format": "mixed", "qtype": "fp16"},
 ]
 VLLM_SETS = ["vllm.max_num_seqs=8", "vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}",
              "vllm.extra_args=[--distributed-executor-backend, uni]"]
@@ -77,6 +75,7 @@ def _export(root, *sets: str, run_name: str) -> tuple[subprocess.CompletedProces
            "--set", "gate.perplexity.max_length=128", "--set", "gate.perplexity.stride=96",
            "--set", "gate.math.limit=3", "--set", "gate.math.max_new_tokens=16",
            "--set", "gate.require_servers=true", "--set", "gate.server_threads=2",
+           "--set", "gate.servers=[inprocess, transformers, vllm, llamacpp]",
            "--set", "gate.serve_overrides={vllm: " + json.dumps(VLLM_SETS) + "}", *sets]
     p = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
     summary = json.loads(report.with_suffix(".json").read_text()) if report.with_suffix(".json").exists() else {}
@@ -86,7 +85,7 @@ def _export(root, *sets: str, run_name: str) -> tuple[subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def gated(trained, vllm_python, llamacpp_bin_dir):
     p, s = _export(trained, "--set", "deliverables=" + json.dumps(DELIVERABLES), "--set", "on_refusal=continue",
-                   run_name="gate-all")
+                   "--set", "gate.adapters=" + json.dumps({"sft": str(trained / "adapter")}), run_name="gate-all")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return trained, s, p
 
@@ -114,17 +113,27 @@ def test_every_format_under_every_server(gated):
             assert (r["ppl"] is None) == (r["server"] == "transformers"), (e["name"], r["server"])
 
 
+def test_served_adapter_equals_peft(gated):
+    _, s, _ = gated
+    rows = {r["model"]: r for r in s["served_adapters"]}
+    assert set(rows) == {"base", "sft"}
+    for r in rows.values():  # vLLM with the adapter loaded at run time = PEFT, token for token
+        assert r["passed"] and r["agree"] == r["prompts"] == 6, r
+        assert r["max_abs_logprob_diff"] < 1e-3
+    assert rows["sft"]["distinct"]  # the adapter changes the answers: the check can see a wrong one
+
+
 def test_sizes_and_tolerance_classes(gated):
     _, s, _ = gated
     by = {e["name"]: e for e in s["deliverables"]}
     b = {k: by[k]["stats"]["bytes"] for k in by}
     assert b["q4_0"] < b["q8_0"] < b["f16"] < b["merged"]
-    assert b["fishai"] < b["int8"] < b["fp16"] < b["merged"]
-    assert [by[k]["tolerance"] for k in ("merged", "f16", "q8_0", "q4_k_m", "fishai", "int8", "fp16")] == \
-        ["exact", "exact", "int8", "int4", "int4", "int8", "exact"]
+    assert b["fishai"] < b["int8"] < b["merged"]
+    assert [by[k]["tolerance"] for k in ("merged", "f16", "q8_0", "q4_k_m", "fishai", "int8")] == \
+        ["exact", "exact", "int8", "int4", "int4", "int8"]
     # quantization costs perplexity in order of bits (in-process rows measure the files themselves)
     ppl = {k: by[k]["rows"][0]["ppl_rel"] for k in by}
-    assert abs(ppl["f16"]) < 1e-3 and abs(ppl["fp16"]) < 1e-3
+    assert abs(ppl["f16"]) < 1e-3
     assert ppl["q8_0"] < ppl["q4_0"] and ppl["int8"] < ppl["fishai"]
 
 
@@ -148,6 +157,7 @@ def test_refused_deliverable_is_not_published_and_names_the_stage(trained, llama
     # an impossible bound: the Q4_0 file itself is past it, so the export stage is to blame
     p, s = _export(trained, "--set", 'deliverables=[{name: q4_0, format: gguf, qtype: Q4_0}]',
                    "--set", "gate.tolerances.int4_ppl=-1.0", "--set", "gate.servers=[inprocess, llamacpp]",
+                   "--set", "on_refusal=fail",
                    "--set", f"output_root={trained / 'refused'}", run_name="gate-refused")
     assert p.returncode == 1, p.stderr[-3000:]
     assert "REFUSED" in p.stdout

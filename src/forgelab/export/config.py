@@ -80,6 +80,10 @@ class GateConfig:
     serve_overrides: dict[str, list[str]] = field({}, help="per server, --set style overrides of its "
                                                   "configs/serve/<server>.yaml")
     server_threads: int = field(0, help="threads of each server; 0: all cores")
+    adapters: dict[str, str] = field({}, help="LoRA adapters served together on their base by vLLM (name -> "
+                                     "dir, loaded at run time): each one's greedy tokens and log-probs are "
+                                     "checked against PEFT (base + that adapter), the base's too")
+    adapter_max_logprob_diff: float = field(1e-3, help="served adapters: largest allowed |log p| difference")
 
 
 @dataclass

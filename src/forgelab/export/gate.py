@@ -149,7 +149,7 @@ class TransformersServe(Runner):
         before = len(self.log.read_text(encoding="utf-8").splitlines()) if self.log.exists() else 0
         request(self.ep, "POST", "chat/completions",
                 {"model": self.ep.model, "messages": messages, "max_tokens": n, "temperature": 0.0,
-                 "do_sample": False, "stream": False}, timeout=600)
+                 "stream": False}, timeout=600)
         lines = self.log.read_text(encoding="utf-8").splitlines()
         if len(lines) != before + 1:
             raise RuntimeError(f"transformers serve logged {len(lines) - before} generate() calls for one request")
@@ -220,18 +220,14 @@ def measure(runner: Runner, probe: Probe, progress: Callable[[str], None] = lamb
     progress("greedy")
     out["greedy"] = [runner.greedy(c, probe.max_new_tokens) for c in probe.chats]
     progress("perplexity")
-    nll, n, win_nll = 0.0, 0, []
-    scored = runner.score(probe.ppl_stream[:probe.ppl_max_length]) if probe.ppl_stream else None
-    if scored is not None:
+    if probe.ppl_stream and runner.score(probe.ppl_stream[:2]) is not None:
+        targets: list[float | None] = []
         for w in windows(len(probe.ppl_stream), probe.ppl_max_length, probe.ppl_stride):
             lps = runner.score(probe.ppl_stream[w.begin:w.end])
-            tail = lps[len(lps) - w.n_targets:]
-            nll -= sum(tail)
-            n += len(tail)
-            win_nll.append(-sum(tail) / len(tail))
-        out["ppl"] = math.exp(nll / n)
-        out["ppl_targets"] = n
-        out["window_nll"] = win_nll
+            targets += lps[len(lps) - w.n_targets:]
+        out["target_lps"] = targets
+        out["ppl"] = _ppl(targets)
+        out["unscored"] = sum(t is None for t in targets)
         out["cont_scores"] = [runner.score(ids)[len(ids) - 1 - k:] if k else []
                               for ids, k in probe.ref_sequences]
     else:
@@ -246,6 +242,11 @@ def measure(runner: Runner, probe: Probe, progress: Callable[[str], None] = lamb
     out["math"] = answers
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _ppl(lps: list[float | None], mask: list[bool] | None = None) -> float:
+    kept = [x for i, x in enumerate(lps) if x is not None and (mask is None or mask[i])]
+    return math.exp(-sum(kept) / len(kept))
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -265,11 +266,16 @@ def compare(row: dict, ref: dict) -> dict:
            "greedy_identical": sum(d is None for d in div), "first_divergence": div}
     if row.get("ppl") is not None and ref.get("ppl") is not None:
         out["ppl"] = row["ppl"]
-        out["ppl_rel"] = row["ppl"] / ref["ppl"] - 1.0
+        # a server that withholds some positions' probabilities (llama.cpp, inside a UTF-8
+        # character) is compared with the reference on the positions it scored
+        mask = [x is not None for x in row["target_lps"]]
+        out["ppl_rel"] = row["ppl"] / _ppl(ref["target_lps"], mask) - 1.0
+        out["ppl_unscored"] = row.get("unscored", 0)
     else:
         out["ppl"], out["ppl_rel"] = None, None
     if row.get("cont_scores") and ref.get("cont_scores"):
-        d = [abs(a - b) for x, y in zip(row["cont_scores"], ref["cont_scores"]) for a, b in zip(x, y)]
+        d = [abs(a - b) for x, y in zip(row["cont_scores"], ref["cont_scores"]) for a, b in zip(x, y)
+             if a is not None and b is not None]
         out["logprob_diff"], out["logprob_basis"] = summarize(d), "teacher-forced on the reference's greedy tokens"
     else:
         d = own_greedy_logprob_diffs(row, ref)

@@ -15,6 +15,11 @@ def _num(x, fmt="{:.4g}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _ppl_cell(r: dict) -> str:
+    n = r.get("ppl_unscored") or 0
+    return _num(r.get("ppl")) + (f" ({n} tokens unscored)" if n else "")
+
+
 def _acc(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -70,14 +75,29 @@ def render(s: dict, command: str) -> str:
             agree = "–" if acc is None else f"{100 * r['math_agree']:.0f}%"
             out.append(
                 f"| {e['name']} | {r['server']} | {r['prompt_ids_equal']}/{r['prompts']} | "
-                f"{r['greedy_identical']}/{r['prompts']} | {_divergence(r)} | {lps} | {_num(r.get('ppl'))} | "
+                f"{r['greedy_identical']}/{r['prompts']} | {_divergence(r)} | {lps} | {_ppl_cell(r)} | "
                 f"{_pct(r.get('ppl_rel'))} | {_acc(acc)} | {delta} | {agree} | "
                 f"{'pass' if r['passed'] else '**FAIL**'}: {r['why']} |")
+    if s.get("served_adapters"):
+        out += ["", "## LoRA adapters served together on one base (vLLM, chosen per request by name) vs PEFT", "",
+                "| name | adapter | greedy identical | first divergence | log-prob abs diff max / mean | "
+                "distinct from the others | verdict |", "|---|---|---|---|---|---|---|"]
+        for r in s["served_adapters"]:
+            if r.get("passed") is None:
+                out.append(f"| {r['model']} | – | – | – | – | – | {r['why']} |")
+                continue
+            mx, mean = r.get("max_abs_logprob_diff"), r.get("mean_abs_logprob_diff")
+            lp = "–" if mx is None else f"{mx:.2e} / {mean:.2e}"
+            out.append(f"| {r['model']} | {r['adapter']} | {r['agree']}/{r['prompts']} | {_divergence(r)} | {lp} | "
+                       f"{'yes' if r.get('distinct') else 'no: ' + ', '.join(r.get('same_as') or [])} | "
+                       f"{'pass' if r['passed'] else '**FAIL**'} |")
     out += ["", "First divergence: `pN@K` = prompt N's greedy tokens differ from the reference's from token K on. "
             "Log-prob differences are teacher-forced on the reference's greedy tokens where the server can "
             "score a sequence (in-process, vLLM, llama.cpp), else over the server's own tokens while they agree; "
             "`transformers serve` reports none, so its rows compare prompt ids and greedy tokens (from the lab's "
-            "prompt log) only.", ""]
+            "prompt log) only. llama-server withholds the probability of a token that ends inside a UTF-8 "
+            "character; such tokens are left out of that row's perplexity and of the reference's it is "
+            "compared with.", ""]
     return "\n".join(out)
 
 

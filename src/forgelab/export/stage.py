@@ -161,13 +161,15 @@ def server_available(server: str) -> str:
     return ""
 
 
-def _serve_conf(server: str, model: str, name: str, conf: ExportConfig):
+def _serve_conf(server: str, model: str, name: str, conf: ExportConfig, label: str = ""):
     from ..serve import server as srv
     from ..serve.config import ServeConfig
     threads = conf.gate.server_threads or os.cpu_count() or 1
     sets = [f"model={model}", f"port={srv.free_port()}", f"name={name}", f"threads={threads}"]
     if server == "transformers":
         sets.append("transformers.prompt_log=true")
+    if server == "llamacpp" and label:
+        sets.append(f"llamacpp.alias={label}")
     return cfg.load(ServeConfig, [project_path(f"configs/serve/{server}.yaml")],
                     sets + list(conf.gate.serve_overrides.get(server, [])))
 
@@ -199,7 +201,7 @@ def open_runner(d, path: Path, server: str, conf: ExportConfig, eos: set[int]):
     from ..serve import server as srv
     name = f"export-{d.name}-{server}-{os.getpid()}"
     model = str(path / gguf_name(d)) if d.format == "gguf" else str(path)
-    sconf = _serve_conf(server, model, name, conf)
+    sconf = _serve_conf(server, model, name, conf, d.name)
     with srv.running(sconf) as state:
         ep = srv.endpoint_from_state(state, sconf.resolved_api_key())
         if server == "vllm":
@@ -208,6 +210,41 @@ def open_runner(d, path: Path, server: str, conf: ExportConfig, eos: set[int]):
             yield G.TransformersServe(ep, srv.server_dir(name) / "prompt_ids.jsonl", eos)
         else:
             yield G.LlamaCpp(ep, eos)
+
+
+def check_served_adapters(conf: ExportConfig, log) -> list[dict]:
+    """gate.adapters: every adapter served at once on its base by vLLM (chosen per request by
+    name), each compared with PEFT; the base under its own name too."""
+    g = conf.gate
+    if not g.adapters:
+        return []
+    why_not = server_available("vllm")
+    if why_not:
+        if g.require_servers:
+            raise RunError(f"gate.adapters needs vLLM: {why_not}")
+        log.warning("served adapters not checked: %s", why_not)
+        return [{"model": "-", "passed": None, "why": f"not run: {why_not}"}]
+    from ..serve import server as srv
+    from ..serve.adapter_check import check_adapters
+    from ..train.merge import resolve_base
+    first = project_path(next(iter(g.adapters.values())))
+    base = resolve_base(first, conf.base_model)
+    name = f"export-adapters-{os.getpid()}"
+    sconf = _serve_conf("vllm", str(base), name, conf)
+    sconf.vllm.runtime_lora = {n: str(project_path(d)) for n, d in g.adapters.items()}
+    sconf.vllm.served_model_name = "base"
+    log.info("served adapters: %s on %s", ", ".join(g.adapters), display_path(base))
+    with srv.running(sconf) as state:
+        ep = srv.endpoint_from_state(state, sconf.resolved_api_key())
+        rows = check_adapters(ep, base, {"base": None, **sconf.vllm.runtime_lora}, g.prompts, g.max_new_tokens)
+    for r in rows:
+        r.pop("outputs", None)
+        diff = r.get("max_abs_logprob_diff")
+        r["passed"] = r["agree"] == r["prompts"] and (diff is None or diff <= g.adapter_max_logprob_diff)
+        r["why"] = (f"{r['agree']}/{r['prompts']} greedy identical, max |log p diff| "
+                    f"{'–' if diff is None else f'{diff:.1e}'}")
+        log.info("  served adapter %s: %s (%s)", r["model"], "pass" if r["passed"] else "FAIL", r["why"])
+    return rows
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -297,7 +334,11 @@ def _run(conf, run, model_dir, out_root, staging, log) -> dict:
         else:
             entry["published"] = display_path(model_dir)
         deliverables.append(entry)
+    adapter_rows = check_served_adapters(conf, log)
+    if adapter_rows and not all(r["passed"] for r in adapter_rows):
+        any_refused = True
     summary = {"model": display_path(model_dir), "reference": ref_label, "probe": probe.source,
+               "served_adapters": adapter_rows,
                "tolerances": cfg.to_dict(conf.gate.tolerances),
                "reference_measure": {"ppl": ref["ppl"], "math_acc": (sum(a["correct"] for a in ref["math"]) /
                                                                      len(ref["math"])) if ref["math"] else None,

@@ -52,22 +52,26 @@ def _complete(ep: Endpoint, prompt_ids: list[int], n: int, timeout: float, **ext
 def greedy(ep: Endpoint, prompt_ids: list[int], n: int, ignore_eos: bool = False,
            timeout: float = 300.0) -> dict:
     """Greedy decoding of up to `n` tokens after the prompt given as token ids (POST /completion,
-    temperature 0). Returns {"ids", "logprobs" (pre-sampling, natural log, one per id), "text",
+    temperature 0). Returns {"ids", "logprobs" (pre-sampling, natural log, one per id; None when
+    a character spans several tokens, see below), "text",
     "stop_type" ("eos", "limit", "word"), "timings" (llama-server's: prompt_ms,
     predicted_per_second, ...)}. With ignore_eos the model's end token does not stop it."""
     out = _complete(ep, prompt_ids, n, timeout, ignore_eos=ignore_eos)
     probs = out.get("completion_probabilities") or []
     ids = [int(t) for t in out.get("tokens") or []]
+    logprobs = [float(p["logprob"]) for p in probs]
     if len(probs) != len(ids):
-        raise RequestError("protocol", f"/completion returned {len(ids)} tokens but {len(probs)} "
-                           "probabilities")
-    if [int(p["id"]) for p in probs] != ids:
+        # llama-server reports one probability per complete UTF-8 piece: byte tokens of one
+        # character (Chinese through a byte-level BPE) share one entry. The ids are still exact;
+        # per-token log-probabilities then come from prompt_logprobs (teacher forcing).
+        logprobs = None
+    elif [int(p["id"]) for p in probs] != ids:
         raise RequestError("protocol", "/completion: token ids and probability ids disagree")
-    return {"ids": ids, "logprobs": [float(p["logprob"]) for p in probs], "text": out.get("content", ""),
+    return {"ids": ids, "logprobs": logprobs, "text": out.get("content", ""),
             "stop_type": out.get("stop_type", ""), "timings": out.get("timings", {})}
 
 
-def prompt_logprobs(ep: Endpoint, ids: list[int], timeout: float = 120.0) -> list[float]:
+def prompt_logprobs(ep: Endpoint, ids: list[int], timeout: float = 120.0) -> list[float | None]:
     """Teacher-forced log-probabilities: element i-1 is log p(ids[i] | ids[:i]) for i = 1..len-1.
 
     llama-server does not return prompt log-probabilities: /v1/completions refuses `echo`
@@ -76,12 +80,19 @@ def prompt_logprobs(ep: Endpoint, ids: list[int], timeout: float = 120.0) -> lis
     the next true token forced by logit_bias; its reported logprob is pre-sampling (raw logits,
     full vocabulary), so the bias does not change it. The prompt cache (cache_prompt) makes each
     request evaluate one new token: len(ids) requests of O(1) work each, fine for checks on
-    hundreds of tokens (llama-perplexity is the tool for corpora)."""
+    hundreds of tokens (llama-perplexity is the tool for corpora).
+
+    A forced token that ends inside a UTF-8 character (a byte token of a Chinese character) gets
+    no probability back: the server reports per complete piece. Its element is None; callers
+    compare only the positions scored."""
     out: list[float] = []
     for i in range(1, len(ids)):
         want = int(ids[i])
         r = _complete(ep, ids[:i], 1, timeout, logit_bias=[[want, FORCE_BIAS]])  # no ignore_eos: it bans EOG ids
         probs = r.get("completion_probabilities") or []
+        if not probs and [int(t) for t in r.get("tokens") or []] == [want]:
+            out.append(None)  # a partial UTF-8 piece: generated, but its probability withheld
+            continue
         if len(probs) != 1 or int(probs[0]["id"]) != want:
             got = probs[0]["id"] if probs else None
             raise RequestError("protocol", f"position {i}: forced token {want}, server returned {got}")
