@@ -25,6 +25,7 @@
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
 #          vs packed rows (flex attention / sdpa, compile)
+#   long32k17 the 1.7B shape at seq 32768 (chunked loss; checkpointing off / on); needs .gpu/cpt32k
 #   qlora17 QLoRA (lora.quantize_base=nf4) vs bf16 LoRA on the sft17 data, tokens/s and peak memory
 #   pack   the packing check (per-sample logits, packed vs alone) on the GPU, sdpa and flex
 # Inputs: .gpu/tok, .gpu/cpt2048 (.gpu/cpt4096 for levers17c), .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
@@ -205,6 +206,14 @@ for part in "${@:-cpt17}"; do
       bench s17-lora-packed-sdpa-blocks 150 "${S17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
         --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
         --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      ;;
+    long32k17)  # seq 32768 on one H200, micro batch 1: chunked loss (no 20 GB of fp32 logits), without
+      # and with activation checkpointing; the pre-flight estimate is in each train_summary
+      L=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set data.train=.gpu/cpt32k/train
+         --set steps.micro_batch_size=1 --set steps.grad_accum=1 --set steps.max_steps=8
+         --set metrics.steady_skip_steps=3 --set runtime.loss_chunk_tokens=4096 --set runtime.sdpa_backend=cudnn)
+      bench l17-s32k-chunk 240 "${L[@]}"
+      bench l17-s32k-chunk-ckpt 240 "${L[@]}" --set runtime.gradient_checkpointing=true
       ;;
     qlora17)  # QLoRA (NF4 base, bitsandbytes) vs the bf16-autocast LoRA, same packed GSM8K-train rows,
       # both eager (bitsandbytes' 4-bit layers are not compiled); needs the bitsandbytes wheel in .whl
