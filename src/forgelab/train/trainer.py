@@ -108,7 +108,11 @@ class ForgeMixin:
         with self.timers.time("forward"):
             if self.loss_chunk and model.training and not return_outputs:
                 from .chunked_loss import causal_lm_loss
-                loss = causal_lm_loss(model, inputs, self.loss_chunk, num_items_in_batch)
+                # the chunked path calls the inner decoder, past the autocast that accelerate wraps
+                # around the top-level forward: without this the blocks ran in fp32 and SDPA fell
+                # back to the math kernel (a 64 GiB score matrix at seq 32768)
+                with self.accelerator.autocast():
+                    loss = causal_lm_loss(model, inputs, self.loss_chunk, num_items_in_batch)
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                     loss = loss * self.accelerator.num_processes  # as the stock compute_loss does
                 return loss
