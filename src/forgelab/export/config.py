@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ..config import ConfigError, field
+from ..train.merge import DEFAULT_PROMPTS as MERGE_PROMPTS
 
 FORMATS = ("hf", "gguf", "mixed")
 SERVERS = ("inprocess", "transformers", "vllm", "llamacpp")
@@ -14,12 +15,9 @@ SERVERS = ("inprocess", "transformers", "vllm", "llamacpp")
 SERVERS_FOR = {"hf": ("inprocess", "transformers", "vllm"), "gguf": ("inprocess", "llamacpp"),
                "mixed": ("inprocess",)}
 
+# the merge check's prompts (stage 08) and two short-answer ones
 DEFAULT_PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Continue the verse: In the beginning God created the heaven and the earth.",
-    "请用一句话介绍北京。",
-    "Write a short haiku about autumn rain.",
+    *MERGE_PROMPTS,
     "What is the capital of France? Answer in one word.",
     "List three prime numbers greater than 10.",
 ]

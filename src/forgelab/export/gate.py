@@ -43,6 +43,7 @@ class Greedy:
 class Runner:
     """One deliverable under one server. Subclasses implement the three operations."""
     server = "?"
+    no_score = ""  # why this server cannot score a token sequence ("" when it can)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         raise NotImplementedError
@@ -50,12 +51,9 @@ class Runner:
     def greedy(self, messages: list[dict], n: int) -> Greedy:
         raise NotImplementedError
 
-    def score(self, ids: list[int]) -> list[float] | None:
-        """log p(ids[i] | ids[:i]) for i >= 1, or None when the server cannot score a sequence."""
-        return None
-
-    def why_no_score(self) -> str:
-        return ""
+    def score(self, ids: list[int]) -> list[float | None]:
+        """log p(ids[i] | ids[:i]) for i >= 1 (None where the server withholds one)."""
+        raise NotImplementedError(self.no_score)
 
 
 def _strip_end(ids: list[int], lps: list[float] | None, eos: set[int]) -> tuple[list[int], list[float] | None, bool]:
@@ -133,13 +131,16 @@ class VLLM(Runner):
         out = []
         for tok, entry in zip(ids[1:], (c.get("prompt_logprobs") or [])[1:]):
             out.append(float(entry[str(tok)]["logprob"]))
-        return out if len(out) == len(ids) - 1 else None
+        if len(out) != len(ids) - 1:
+            raise RuntimeError(f"vllm returned {len(out)} prompt log-probs for {len(ids) - 1} tokens")
+        return out
 
 
 class TransformersServe(Runner):
     """`transformers serve` in the lab's guard with its prompt log: the chat request goes in as
     messages, the ids its generate() received and produced come back from the log."""
     server = "transformers"
+    no_score = "transformers serve returns no log-probabilities"
 
     def __init__(self, ep: Endpoint, prompt_log, eos_ids: set[int]):
         self.ep, self.log, self.eos = ep, prompt_log, set(eos_ids)
@@ -165,8 +166,6 @@ class TransformersServe(Runner):
             ids.pop()
         return Greedy(ids, None, stopped or len(rec.get("output_ids") or []) < n)
 
-    def why_no_score(self):
-        return "transformers serve returns no log-probabilities"
 
 
 class LlamaCpp(Runner):
@@ -220,7 +219,7 @@ def measure(runner: Runner, probe: Probe, progress: Callable[[str], None] = lamb
     progress("greedy")
     out["greedy"] = [runner.greedy(c, probe.max_new_tokens) for c in probe.chats]
     progress("perplexity")
-    if probe.ppl_stream and runner.score(probe.ppl_stream[:2]) is not None:
+    if probe.ppl_stream and not runner.no_score:
         targets: list[float | None] = []
         for w in windows(len(probe.ppl_stream), probe.ppl_max_length, probe.ppl_stride):
             lps = runner.score(probe.ppl_stream[w.begin:w.end])
@@ -232,7 +231,7 @@ def measure(runner: Runner, probe: Probe, progress: Callable[[str], None] = lamb
                               for ids, k in probe.ref_sequences]
     else:
         out["ppl"] = None
-        out["no_score"] = runner.why_no_score() or "the server cannot score a token sequence"
+        out["no_score"] = runner.no_score or "no held-out tokens in the probe"
     progress("math")
     answers = []
     for p in probe.math:

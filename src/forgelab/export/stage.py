@@ -259,10 +259,6 @@ def _publish(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _row_public(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("raw",)}
-
-
 def run_export(conf: ExportConfig, run) -> dict:
     import torch
     log = run.log
@@ -283,13 +279,11 @@ def run_export(conf: ExportConfig, run) -> dict:
 
 
 def _run(conf, run, model_dir, out_root, staging, log) -> dict:
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ref_model, ref_tok, ref_label = load_reference(conf, log)
-    eos = eos_ids(model_dir, ref_tok)
-    probe = build_probe(conf.gate, ref_tok)
+    ref_model, tok, ref_label = load_reference(conf, log)  # tok: the exported model dir's tokenizer
+    eos = eos_ids(model_dir, tok)
+    probe = build_probe(conf.gate, tok)
     log.info("gate probe: %s", probe.source)
-    ref_runner = G.InProcess(ref_model, ref_tok, eos)
+    ref_runner = G.InProcess(ref_model, tok, eos)
     ref = G.measure(ref_runner, probe, lambda s: log.info("reference: %s", s))
     probe.ref_sequences = [(p + g.ids, len(g.ids)) for p, g in zip(ref["prompt_ids"], ref["greedy"])]
     ref["cont_scores"] = [ref_runner.score(ids)[len(ids) - 1 - k:] if k else [] for ids, k in probe.ref_sequences]
