@@ -1,4 +1,4 @@
-"""Trainer callbacks: per-step metrics (metrics.jsonl + TensorBoard) and the stop step."""
+"""Trainer callbacks: per-step metrics (metrics.jsonl + the experiment trackers) and the stop step."""
 from __future__ import annotations
 
 import json
@@ -41,7 +41,8 @@ _TRAINER_KEYS = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_token
 
 
 class MetricsCallback(TrainerCallback):
-    """One line per optimizer step in metrics.jsonl and the same scalars in TensorBoard.
+    """One line per optimizer step in metrics.jsonl and the same scalars in every tracker
+    (trackers.py: TensorBoard, MLflow, W&B), logged by the main rank only.
 
     Tokens are counted on the host by the collators (no device sync); the loss and grad norm
     come from the Trainer's own per-step log (logging_steps = 1), which is the one host sync
@@ -49,21 +50,24 @@ class MetricsCallback(TrainerCallback):
     """
 
     def __init__(self, trainer, run_dir: Path, *, is_main: bool, world: int,
-                 flops_per_token: float, peak_flops: float | None, on_cuda: bool, tensorboard: bool,
-                 resume_step: int = 0):
+                 flops_per_token: float, peak_flops: float | None, on_cuda: bool, trackers: list = (),
+                 params: dict | None = None, run_name: str = "", resume_step: int = 0):
         self.trainer = trainer
         self.path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval_metrics.jsonl"
-        self.tb_dir = run_dir / "tb"
+        self.run_dir = run_dir
         self.is_main = is_main
         self.world = world
         self.fpt = flops_per_token
         self.peak = peak_flops
         self.on_cuda = on_cuda
-        self.use_tb = tensorboard
+        self.trackers = list(trackers)
+        self.params = params or {}
+        self.run_name = run_name
         self.resume_step = resume_step
         self.records: list[dict] = []
-        self.writer = None
+        self.tracker_where: dict[str, str | None] = {}  # tracker -> where it wrote, for the summary
+        self._started: list = []
         self._fh = None
         self.t_prev = 0.0
         self.t0 = 0.0
@@ -78,23 +82,24 @@ class MetricsCallback(TrainerCallback):
         self.t0 = self.t_prev = time.perf_counter()
         if self.is_main:
             self._fh = open(self.path, "a", encoding="utf-8")
-            if self.use_tb:
-                from torch.utils.tensorboard import SummaryWriter
-                # purge_step drops events a killed session logged past the checkpoint we resume from
-                self.writer = SummaryWriter(str(self.tb_dir),
-                                            purge_step=self.resume_step + 1 if self.resume_step else None)
+            for t in self.trackers:
+                self.tracker_where[t.name] = t.start(self.params, self.run_name, self.run_dir, self.resume_step)
+                self._started.append(t)
 
     def on_train_end(self, args, state, control, **kw):
-        self.close()
+        self.close(ok=True)
 
-    def close(self):
+    def close(self, ok: bool = False):
+        """The session calls this in a finally too: without on_train_end first, the run failed."""
         if self._fh:
             self._fh.close()
             self._fh = None
-        if self.writer:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+        while self._started:
+            self._started.pop().finish(ok)
+
+    def _track(self, scalars: dict, step: int) -> None:
+        for t in self._started:
+            t.log(scalars, step)
 
     def on_save(self, args, state, control, **kw):
         self.t_prev = time.perf_counter()  # checkpoint time is reported on its own, not as step time
@@ -104,8 +109,8 @@ class MetricsCallback(TrainerCallback):
             rec = {"step": state.global_step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
             with open(self.eval_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
-            if self.writer and "eval_loss" in metrics:
-                self.writer.add_scalar("eval/loss", metrics["eval_loss"], state.global_step)
+            if "eval_loss" in metrics:
+                self._track({"eval/loss": metrics["eval_loss"]}, state.global_step)
         self.t_prev = time.perf_counter()
 
     # -- the per-step record
@@ -144,17 +149,19 @@ class MetricsCallback(TrainerCallback):
         if self.is_main:
             self._fh.write(json.dumps(rec) + "\n")
             self._fh.flush()
-            if self.writer:
-                s = rec["step"]
-                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
-                    if rec.get(k) is not None:
-                        self.writer.add_scalar(f"train/{k}", rec[k], s)
-                for k in ("mem_allocated", "mem_reserved", "mem_max_allocated", "rss"):
-                    if k in rec:
-                        self.writer.add_scalar(f"memory/{k}", rec[k], s)
-                for k, v in extra.items():
-                    self.writer.add_scalar(f"method/{k}", v, s)
+            if self._started:
+                self._track(tracker_scalars(rec, extra), rec["step"])
         self.t_prev = time.perf_counter()
+
+
+def tracker_scalars(rec: dict, extra: dict) -> dict[str, float]:
+    """The scalars of a step record under the trackers' names (train/*, memory/*, method/*)."""
+    out = {f"train/{k}": rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens")
+           if rec.get(k) is not None}
+    out.update({f"memory/{k}": rec[k] for k in ("mem_allocated", "mem_reserved", "mem_max_allocated", "rss")
+                if k in rec})
+    out.update({f"method/{k}": v for k, v in extra.items()})
+    return out
 
 
 class StopCallback(TrainerCallback):

@@ -200,13 +200,46 @@ class EvalSection:
 
 
 @dataclass
+class MlflowSection:
+    tracking_uri: Optional[str] = field(None, help="MLflow tracking URI (file:, http:, ...); null = a file store "
+                                                   "in <run dir>/mlruns")
+    experiment: str = field("forgelab", help="MLflow experiment the run is created in")
+
+
+@dataclass
+class WandbSection:
+    mode: Literal["offline", "online", "disabled"] = field(
+        "offline", help="offline: write <dir>/wandb/offline-run-* and never reach the network (upload later "
+                        "with wandb sync); online: stream to the W&B server; disabled: no-op run")
+    project: str = field("forgelab", help="W&B project")
+    dir: Optional[str] = field(None, help="where W&B writes its run dirs; null = <run dir>/wandb")
+
+
+# tracker -> (module it needs, pip package that provides it)
+TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb", "wandb")}
+
+
+@dataclass
 class MetricsSection:
     tensorboard: bool = field(True, help="write per-step scalars to <run dir>/tb/")
+    trackers: list[Literal["mlflow", "wandb"]] = field(
+        [], help="experiment trackers besides TensorBoard (mlflow, wandb): the same scalars and the resolved "
+                 "config; settings under metrics.mlflow / metrics.wandb (docs/training.md, Experiment tracking)")
     peak_flops: Optional[float] = field(None, help="peak FLOP/s per device for MFU; null = known GPU table "
                                                    "(H100 bf16 989e12) on CUDA, no MFU on CPU")
     steady_skip_steps: int = field(2, help="first steps left out of the steady-state throughput and MFU")
     sample_digests: bool = field(False, help="write samples/rank<r>.jsonl: per optimizer step, a digest of every "
                                              "item the rank trained on (which samples each rank saw, in order)")
+    mlflow: MlflowSection = field(MlflowSection, help="MLflow tracker (metrics.trackers lists mlflow)")
+    wandb: WandbSection = field(WandbSection, help="Weights & Biases tracker (metrics.trackers lists wandb)")
+
+    def validate(self) -> None:
+        import importlib.util
+        for name in self.trackers:
+            module, package = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"key 'metrics.trackers' lists {name}, but the {module} package is not "
+                                  f"installed: pip install {package}")
 
 
 @dataclass

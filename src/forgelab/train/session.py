@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from .. import config as cfg
 from ..runs import Run, read_json
 from . import checkpoint as ckpt
-from . import runtime, summary
+from . import runtime, summary, trackers
 from .callbacks import MetricsCallback, StopCallback, truncate_metrics
 from .data import CountingCollator, DigestCollator, attention_span
 from .flops import count_model, peak_flops
@@ -217,8 +218,9 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
         if trainer.sample_log is not None:  # every rank keeps its own record of what it trained on
             truncate_metrics(trainer.sample_log, resume_step)
     metrics_cb = MetricsCallback(trainer, pre.run_dir, is_main=s.is_main, world=s.world,
-                                 flops_per_token=s.fpt, peak_flops=s.peak,
-                                 on_cuda=rt.on_cuda, tensorboard=conf.metrics.tensorboard, resume_step=resume_step)
+                                 flops_per_token=s.fpt, peak_flops=s.peak, on_cuda=rt.on_cuda,
+                                 trackers=trackers.select(conf.metrics), params=cfg.to_dict(conf),
+                                 run_name=pre.run_name, resume_step=resume_step)
     trainer.add_callback(metrics_cb)
     if conf.steps.stop_after_steps:
         trainer.add_callback(StopCallback(conf.steps.stop_after_steps))

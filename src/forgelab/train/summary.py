@@ -97,6 +97,7 @@ def end_fields(s, trainer, metrics_cb, train_seconds: float, final_dir: Path | N
         "final_loss": losses[-1] if losses else None, "best_loss": min(losses) if losses else None,
         "method_metrics": method_metrics(curve), "sequence_tokens_mean": s.seq_tokens_mean,
         "loss_curve": "metrics.jsonl", "tensorboard": "tb" if conf.metrics.tensorboard else None,
+        "trackers": metrics_cb.tracker_where,  # tracker -> its dir or URI (W&B disabled: null)
         "final_model": str(final_dir) if final_dir else None,
         "train_seconds": round(train_seconds, 3), "estimate": est, "notices": s.notices, "disk": s.disk,
         **({"plan": s.plan_info} if s.plan_info else {}),
