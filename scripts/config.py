@@ -11,6 +11,7 @@ import sys
 
 from forgelab import cli
 from forgelab import config as cfg
+from forgelab.config_keys import format_keys
 
 
 def main() -> int:
@@ -30,13 +31,7 @@ def main() -> int:
         return 0
     schema = cli.schema(a.kind)
     if a.cmd == "keys":
-        rows = cfg.describe(schema)
-        w = max(len(r[0]) for r in rows)
-        for key, tp, default, meaning in rows:
-            if tp == "section":
-                print(f"\n{key}:  {meaning}")
-            else:
-                print(f"  {key:{w}s}  {tp:14s} default={default}  {meaning}")
+        print(format_keys(a.kind))
         return 0
     from forgelab.runs import project_path
     conf = cfg.load(schema, [project_path(c) for c in a.config], a.overrides)
