@@ -5,6 +5,7 @@
 # and calls the one entry point, scripts/train.py, which starts torchrun or the DeepSpeed
 # launcher itself when the backend needs several processes.
 # usage: _launch.sh TRACK|"" [BACKEND] [--task cpt|pretrain|sft_lora|sft_full|<method>] [scripts/train.py args]
+#        _launch.sh TRACK|"" [BACKEND] [--task T] --print-configs   (the composed files, one per line)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 conf="$root/configs/train"
@@ -15,11 +16,13 @@ fi
 backend=single
 if [[ $# -gt 0 && $1 != -* ]]; then backend=$1; shift; fi
 task=cpt
+print_configs=0
 args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --task) task=${2:?--task needs a value}; shift 2 ;;
     --task=*) task=${1#--task=}; shift ;;
+    --print-configs) print_configs=1; shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -38,6 +41,7 @@ if [[ -n $track ]]; then
   [[ -f $conf/tracks/$track.$kind.yaml ]] && configs+=(--config "$conf/tracks/$track.$kind.yaml")
 fi
 configs+=(--config "$conf/backends/$backend.yaml")
+if [[ $print_configs == 1 ]]; then printf '%s\n' "${configs[@]}" | grep -vx -- --config; exit 0; fi
 py=${PYTHON:-$root/.venv/bin/python}
 [[ -x $py ]] || py=python3
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
