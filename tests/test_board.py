@@ -370,3 +370,50 @@ def test_non_loopback_needs_a_token_and_the_login_checks_it(records, browser):
         wait_for(lambda: BASE in text_of(d, "runs-table"), what="the board after login")
     finally:
         b.close()
+
+
+def test_a_launch_outlives_the_board_and_stops_with_a_checkpoint(records, browser, tiny_model_dir, cpt_dir):
+    """Started from one board, the run keeps training when that board is killed; a new board
+    finds the launch again, and Stop ends it through SIGTERM with a checkpoint saved."""
+    d = browser
+    first = Board(records)
+    try:
+        open_board(d, first.url)
+        tab(d, "Launch")
+        sets = tiny_sets(tiny_model_dir, cpt_dir)
+        over = [sets[i + 1] for i in range(0, len(sets), 2)] + [
+            "steps.max_steps=100000", "steps.micro_batch_size=1", "checkpoint.every_steps=0"]
+        set_text(d, "launch-overrides", "\n".join(over))
+        set_text(d, "launch-name", "outlives")
+        click(d, "launch-start")
+        wait_for(lambda: "Started" in text_of(d, "launch-status"), what="the start")
+    finally:
+        os.killpg(first.proc.pid, 9)  # the board dies hard; its launch must not
+        first.proc.wait(10)
+    run = records / "train" / "outlives"
+    (rec_path,) = (records / ".board" / "launches").glob("*-train-outlives/launch.json")
+    pid = read_json(rec_path)["pid"]
+    n0 = len(metrics_lines(run))
+    wait_for(lambda: len(metrics_lines(run)) > n0 + 3, timeout=120, what="training to go on without the board")
+    os.kill(pid, 0)  # still there
+    second = Board(records)
+    try:
+        open_board(d, second.url)
+        tab(d, "Launch")
+        choose(d, "launch-pick", rec_path.parent.name)
+        wait_for(lambda: "[running] train/outlives" in text_of(d, "launch-log"), what="the launch found again")
+        click(d, "launch-stop")
+        wait_for(lambda: "SIGTERM sent" in text_of(d, "launch-status"), what="the stop")
+        wait_for(lambda: "[ended] train/outlives" in text_of(d, "launch-log"), timeout=180, what="the run to end")
+        shot(d, "launch-stopped")
+    finally:
+        second.close()
+    s = read_json(run / "train_summary.json")
+    assert s["outcome"] == "interrupted" and s["stopped_early"]
+    assert s["checkpoints"], "the stop saved no checkpoint"
+    assert any((run / c).is_dir() for c in os.listdir(run) if c.startswith("checkpoint-"))
+
+
+def metrics_lines(run: Path) -> list[str]:
+    p = run / "metrics.jsonl"
+    return p.read_text().splitlines() if p.is_file() else []

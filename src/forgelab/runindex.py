@@ -23,13 +23,14 @@ STATUSES = ("running", "ok", "failed", "interrupted", "stopped", "incomplete")
 # generic fallback of top-level numbers
 KEY_METRICS: dict[str, tuple[str, ...]] = {
     "train": ("final_loss", "steps", "tokens_per_s_steady", "mfu_steady", "peak_memory_bytes"),
-    "eval": ("scores", "accuracy", "perplexity"),
-    "cpt_corpus": ("kept", "dropped", "tokens"),
-    "tokenize_cpt": ("blocks", "tokens"),
-    "tokenize_sft": ("items", "rows", "tokens"),
-    "sft_data": ("kept", "dropped"),
-    "merge": ("max_abs_logit_diff", "greedy_identical"),
-    "export": ("published", "refused"),
+    "cpt_corpus": ("train", "val", "bad_records", "duplicates"),
+    "sft_data": ("train", "val", "bad_records", "duplicates"),
+    "pref_data": ("train", "val", "bad_records"),
+    "tokenize_cpt": ("splits.*.n_blocks", "splits.*.n_tokens"),
+    "tokenize_sft": ("splits.*.n_rows", "splits.*.n_samples", "splits.*.n_tokens"),
+    "cpt_bench_slice": ("splits.*.n_blocks", "n_blocks"),
+    "merge": ("max_abs_diff", "passed"),
+    "export": ("any_refused", "refused"),
     "bench_serving": ("requests", "output_tokens_per_s", "ttft_ms_p50"),
 }
 MAX_METRICS = 5
@@ -75,28 +76,40 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float, str)) and not isinstance(v, bool) and (not isinstance(v, str) or len(v) <= 24)
 
 
+def _expand(summary: dict, dotted: str) -> list[tuple[str, Any]]:
+    """(name, value) of a dotted key; a '*' part stands for every key at that level
+    ('splits.*.n_tokens' -> 'train.n_tokens', 'val.n_tokens')."""
+    head, _, rest = dotted.partition(".*.")
+    if not rest:
+        return [(dotted, _get(summary, dotted))]
+    node = _get(summary, head)
+    if not isinstance(node, dict):
+        return []
+    return [(f"{k}.{rest}", _get(v, rest)) for k, v in node.items() if isinstance(v, dict)]
+
+
 def key_metrics(stage: str, summary: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in KEY_METRICS.get(stage, ()):
-        v = _get(summary, k)
-        if isinstance(v, dict):  # e.g. eval scores: {task: value}
-            for kk, vv in v.items():
-                if isinstance(vv, (int, float)) and not isinstance(vv, bool):
-                    out[f"{k}.{kk}"] = vv
-        elif isinstance(v, list):
-            out[k] = len(v)
-        elif v is not None and _scalar(v):
-            out[k] = v
+        for name, v in _expand(summary, k):
+            if isinstance(v, dict):  # e.g. scores: {task: value}
+                for kk, vv in v.items():
+                    if isinstance(vv, (int, float)) and not isinstance(vv, bool):
+                        out[f"{name}.{kk}"] = vv
+            elif isinstance(v, list):
+                out[name] = len(v)
+            elif v is not None and (_scalar(v) or isinstance(v, bool)):
+                out[name] = v
     if not out:  # any stage: its first top-level numbers
-        skip = {"wall_seconds"}
         for k, v in summary.items():
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k != "wall_seconds" and isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = v
             if len(out) >= MAX_METRICS:
                 break
+    out = dict(list(out.items())[:MAX_METRICS])
     if "wall_seconds" in summary:
         out["wall_s"] = summary["wall_seconds"]
-    return dict(list(out.items())[:MAX_METRICS + 1])
+    return out
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -151,8 +164,8 @@ def read_entry(run_dir: Path, stage: str | None = None) -> RunEntry:
     running = _lock_alive(run_dir) or _server_alive(run_dir)
     if running:
         status = "running"
-    elif summary.get("outcome"):
-        status = {"ok": "ok", "failed": "failed", "interrupted": "interrupted"}.get(summary["outcome"], summary["outcome"])
+    elif summary.get("outcome") in ("ok", "failed", "interrupted"):
+        status = summary["outcome"]
     elif (run_dir / "server.json").is_file():  # a server that was stopped (or died) leaves its state file
         status = "stopped"
     else:
@@ -172,6 +185,18 @@ def read_entry(run_dir: Path, stage: str | None = None) -> RunEntry:
                     command=summary.get("command"))
 
 
+def _when(iso: str | None) -> float:
+    """An ISO date or time as a timestamp, so records written under different UTC offsets
+    sort and filter in true order (a date without an offset is local time)."""
+    if not iso:
+        return 0.0
+    try:
+        t = _dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return 0.0
+    return (t if t.tzinfo else t.astimezone()).timestamp()
+
+
 def _is_run_dir(d: Path) -> bool:
     return d.is_dir() and not d.name.startswith(".") and any(
         (d / n).exists() for n in (*SUMMARY_NAMES, "config.yaml", "run.log", "server.json", "metrics.jsonl"))
@@ -186,7 +211,7 @@ def scan(root: str | Path | None = None) -> list[RunEntry]:
             for d in sorted(stage_dir.iterdir()):
                 if _is_run_dir(d):
                     entries.append(read_entry(d, stage_dir.name))
-    entries.sort(key=lambda e: e.date or "", reverse=True)
+    entries.sort(key=lambda e: _when(e.date), reverse=True)
     return entries
 
 
@@ -204,7 +229,7 @@ def filter_runs(entries: Iterable[RunEntry], stage: str | Iterable[str] | None =
             continue
         if statuses and e.status not in statuses:
             continue
-        if since and (e.date or "") < since:
+        if since and _when(e.date) < _when(since):
             continue
         if needle and needle not in " ".join(str(x) for x in (e.stage, e.name, e.config_hash, e.data_fingerprint,
                                                               e.tokenizer_fingerprint, e.command) if x).lower():
