@@ -25,6 +25,9 @@ FORBIDDEN = {
     "jsonl": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
     "manifest": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
     "runlock": {"train", "eval", "serve", "report", "data", "model", "estimate", "prof"},
+    "runindex": {"train", "eval", "report", "data", "model", "estimate", "prof", "board"},
+    # the board starts stages as processes and reads their files: no training or eval code in it
+    "board": {"train", "eval", "data", "align", "estimate", "prof"},
 }
 
 

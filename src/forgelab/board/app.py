@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import runindex
+from ..runs import display_path
 from ..report.runs import ProtocolError
 from . import chat, data, launcher, plots
 
@@ -38,7 +39,8 @@ def _dropdown(choices: list[str], value=None, **kw):
 def build(runs_root: Path, reports_dir: Path) -> gr.Blocks:
     with gr.Blocks(title="ForgeLab board") as app:
         gr.Markdown("# ForgeLab board\n"
-                    f"Run records from `{runs_root}`, reports from `{reports_dir}`.", elem_id="board-header")
+                    f"Run records from `{display_path(runs_root)}`, reports from `{display_path(reports_dir)}`.",
+                    elem_id="board-header")
         with gr.Tabs(elem_id="tabs") as tabs:
             # ------------------------------------------------------------------ runs
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
