@@ -27,6 +27,9 @@
 #          vs packed rows (flex attention / sdpa, compile)
 #   long32k17 the 1.7B shape at seq 32768 (chunked loss; checkpointing off / on); needs .gpu/cpt32k
 #   qlora17 QLoRA (lora.quantize_base=nf4) vs bf16 LoRA on the sft17 data, tokens/s and peak memory
+#   sftpeer17 the lab's packed SFT LoRA (flex, sdpa) vs TRL's SFTTrainer on the same samples
+#          (scripts/gpu/trl_sft_peer.py: bfd packing = padding-free; its defaults, then tuned);
+#          needs the trl, datasets, dill, multiprocess, xxhash wheels in .whl
 #   pack   the packing check (per-sample logits, packed vs alone) on the GPU, sdpa and flex
 # Inputs: .gpu/tok, .gpu/cpt2048 (.gpu/cpt4096 for levers17c), .gpu/sft_gsm_packed, .gpu/sft_gsm_rows (scripts/gpu/README.md),
 # .whl (transformers, peft, liger-kernel wheels; torchao for fp8_17, fp8head17). Results: $OUT/perf_runs.tgz + $OUT/perf.log.
@@ -224,6 +227,28 @@ for part in "${@:-cpt17}"; do
           --set steps.micro_batch_size=2 --set steps.grad_accum=1 --set lora.quantize_base=$q
       done; done
       ;;
+    sftpeer17)
+      peer() {  # peer NAME TIMEOUT [trl_sft_peer.py args]
+        local name=$1 t=$2 left=$(( deadline - $(date +%s) - 15 )); shift 2
+        (( left < 60 )) && { el "skip $name (budget)"; return; }
+        (( t > left )) && t=$left
+        el "run $name (timeout ${t}s)"
+        TORCHINDUCTOR_CACHE_DIR=/tmp/inductor timeout "$t" python3 scripts/gpu/trl_sft_peer.py --out "$OUT" \
+          --name "$name" --preset qwen3-1.7b --tok .gpu/tok --data .gpu/sft_gsm_packed/train --steps 12 --skip 4 \
+          "$@" > "$OUT/$name.log" 2>&1 || el "  $name exited $?"
+        grep -E "tokens/s|Error|error:" "$OUT/$name.log" | tail -3
+      }
+      peer trl-sft17-defaults 150 --batch 2
+      peer trl-sft17-nockpt 150 --batch 2 --set gradient_checkpointing=false
+      peer trl-sft17-nockpt-flex 150 --batch 2 --attn flex_attention --set gradient_checkpointing=false
+      bench s17-lora-packed-flex-blocks 150 "${S17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
+        --set model.attn_implementation=flex_attention --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      bench s17-lora-packed-sdpa-blocks 150 "${S17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks \
+        --set data.train=.gpu/sft_gsm_packed/train --set data.pad_to_multiple_of=4096 \
+        --set steps.micro_batch_size=2 --set steps.grad_accum=1
+      peer trl-sft17-nockpt-compile 200 --batch 2 --set gradient_checkpointing=false --set torch_compile=true
+      ;;
     pack)
       el "packing check"
       timeout $(( deadline - $(date +%s) - 10 )) python3 scripts/check_packing.py --data .gpu/sft_gsm_packed/train \
@@ -244,7 +269,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 sftpeer17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"
