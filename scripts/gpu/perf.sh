@@ -20,6 +20,8 @@
 #          (runtime.fp8_lm_head); $OUT/fp8head_compare.json
 #   fp8long17  120 steps, 10-step warm-up, on .gpu/cpt2048L (2,063 blocks): bf16, tensorwise + LM
 #          head, tensorwise; $OUT/fp8long_compare.json
+#   fp8peer17 the lab's FP8 (tensorwise + LM head) and bf16 at 30 steps, beside titan.sh fp8tw / bf16
+#   s8k17  the 1.7B shape at seq 8192, micro batch 4 (beside titan.sh s8k)
 #   fp8stable17  the same at lr 3e-4: bf16, tensorwise + LM head, bf16 again; $OUT/fp8stable_compare.json
 #   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
@@ -161,6 +163,17 @@ for part in "${@:-cpt17}"; do
       python3 scripts/gpu/fp8_compare.py runs/train p17-fp8b-bf16 p17-fp8b-tensorwise p17-fp8b-tensorwise-head \
         --json "$OUT/fp8head_compare.json"
       ;;
+    fp8peer17)  # beside torchtitan's FP8 (titan.sh fp8tw / bf16, same call): the lab's best FP8 setting and bf16,
+      # 30 steps of micro batch 16 on .gpu/cpt2048 (scripts/gpu/reblock.py cuts it from .gpu/cpt32k)
+      P=("${F17[@]}" --set steps.max_steps=30 --set metrics.steady_skip_steps=8)
+      bench p17-fp8peer-tensorwise-head 200 "${P[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      bench p17-fp8peer-bf16 200 "${P[@]}"
+      ;;
+    s8k17)  # beside torchtitan at seq 8192 (titan.sh s8k, same call): micro batch 4, the best bf16 setting
+      # on .gpu/cpt8192 (scripts/gpu/reblock.py cuts it from .gpu/cpt32k)
+      bench p17-s8k-b4 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
+        --set steps.max_steps=20 --set metrics.steady_skip_steps=6
+      ;;
     fp8long17)  # the FP8 loss curve over 120 steps with a 10-step warm-up on the larger store
       # (.gpu/cpt2048L: 2,063 blocks, no row seen twice): bf16, tensorwise + LM head, tensorwise
       L17=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
@@ -269,7 +282,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 sftpeer17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 sftpeer17 fp8peer17 s8k17 pack serve)" >&2 ;;
   esac
 done
 save; el "done"

@@ -5,6 +5,7 @@
 #   s8k   1.7B, seq 8192, batch 4, compile, no checkpointing (flavor copy with max_seq_len 8192)
 #   s16k  1.7B, seq 16384, batch 2, compile, no checkpointing
 #   fp8   1.7B, seq 2048, batch 16, compile: bf16, float8 tensorwise, float8 rowwise (torchao)
+#   fp8tw, bf16  one of those each
 # Inputs: .gpu/tok; .gpu/cpt8192/train, .gpu/cpt16384/train, .gpu/cpt2048/train (the lab's runs of the
 # same seq len read these); where one is missing the runner reads .gpu/cpt32k/train as one token
 # stream cut into seq-len windows (same tokens, other cut points). .whl: torchtitan 0.2.2,
@@ -42,6 +43,11 @@ for part in ${@:-s8k s16k fp8}; do
       for r in none tensorwise rowwise; do
         titan "titan17-fp8-${r/none/bf16}" 200 "${T17[@]}" --data "$d" --seq-len 2048 --batch 16 --steps 30 --warmup-skip 8 --fp8 "$r"
       done ;;
+    fp8tw)  # float8 tensorwise alone (the side-by-side partner of perf.sh fp8peer17)
+      titan titan17-fp8-tensorwise 200 "${T17[@]}" --data "$(data 2048)" --seq-len 2048 --batch 16 --steps 30 \
+        --warmup-skip 8 --fp8 tensorwise ;;
+    bf16)
+      titan titan17-fp8-bf16 200 "${T17[@]}" --data "$(data 2048)" --seq-len 2048 --batch 16 --steps 30 --warmup-skip 8 ;;
     *) el "unknown part $part" ;;
   esac
 done
