@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 
@@ -107,7 +108,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(ddp_run):
     assert_same_as_single("t-ddp", loss_rel=1e-5, grad_rel=1e-5, param_atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3_offload"])
+@pytest.mark.parametrize("backend", ["fsdp", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_backend_equals_one_process(backend, tiny_model_dir, cpt_dir, single_ref):
     """Same data, seed and global batch: sharding must not change the arithmetic beyond rounding.
     fsdp runs as DDP on CPU (accelerate's FSDP needs GPUs; the run says so in its notices)."""
@@ -156,3 +157,37 @@ def test_profile_track_ddp_records_the_gradient_all_reduce(tiny_model_dir, cpt_d
     assert p["trace_files"] == ["profile/trace_rank0.json", "profile/trace_rank1.json"]
     # matmul FLOPs counted by the profiler agree with the formula (embedding lookups are not matmuls)
     assert p["flops_per_step_profiler_per_rank"] == pytest.approx(p["flops_per_step_per_rank"], rel=0.05)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_checkpoint_to_model_gives_the_trained_weights(backend, tiny_model_dir, cpt_dir, tmp_path):
+    """checkpoint-4 of a 2-rank run (the last step) as a plain model: its logits equal those of the
+    run's final model, bit for bit. zero2/zero3: the fp32 master weights from the ranks' ZeRO
+    partitions; fsdp runs as DDP on CPU, so its checkpoint holds plain model files."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = runs_dir() / f"t-{backend}"
+    if not (run / "final").is_dir():
+        _sanity(backend, tiny_model_dir, cpt_dir, f"t-{backend}")
+    out = tmp_path / "model"
+    p = subprocess.run([PY, "scripts/checkpoint_to_model.py", str(run / "checkpoint-4"), str(out)], cwd=PROJECT_ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    src = read_json(out / "forgelab_source.json")
+    assert src["step"] == 4 and src["checkpoint_manifest"] == "ok"
+    assert src["source"] == ("deepspeed" if backend.startswith("zero") else "model_files")
+    if backend.startswith("zero"):
+        assert "2 rank(s)" in src["how"]
+    ids = torch.tensor([np.load(cpt_dir / "blocks.npy")[0][:32].astype(np.int64)])
+    got, want = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (out, run / "final"))
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, want(ids).logits)
+    # a damaged checkpoint is refused before anything is written
+    bad = tmp_path / "bad"
+    shutil.copytree(run / "checkpoint-4", bad)
+    with open(bad / "config.json", "a") as f:
+        f.write(" ")
+    p = subprocess.run([PY, "scripts/checkpoint_to_model.py", str(bad), str(tmp_path / "never")], cwd=PROJECT_ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "does not match its" in p.stderr and not (tmp_path / "never").exists()

@@ -32,7 +32,7 @@ if [[ ! -f $conf/$task.yaml ]]; then  # one config per training method (src/forg
   known=$(cd "$conf" && ls *.yaml | sed 's/\.yaml$//' | grep -vx base | paste -sd, - | sed 's/,/, /g')
   die "unknown task '$task' ($known)"
 fi
-[[ -f $conf/backends/$backend.yaml ]] || die "unknown backend '$backend' (single, ddp, fsdp, zero2, zero3_offload)"
+[[ -f $conf/backends/$backend.yaml ]] || die "unknown backend '$backend' ($(cd "$conf/backends" && ls *.yaml | sed 's/\.yaml$//' | paste -sd, - | sed 's/,/, /g'))"
 configs=(--config "$conf/$task.yaml")
 if [[ -n $track ]]; then
   [[ -f $conf/tracks/$track.yaml ]] || die "unknown track '$track' (sanity, bench, profile, optimize, resume, longtrain)"

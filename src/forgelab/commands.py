@@ -60,6 +60,8 @@ VERBS: dict[str, Verb] = {
     "tokenizer": Verb("train_tokenizer.py", "train a byte-level BPE tokenizer on the CPT corpus",
                       "tokenizer_train"),
     "compare-curves": Verb("compare_curves.py", "compare the loss curves of two trees of runs step by step"),
+    "checkpoint-to-model": Verb("checkpoint_to_model.py", "an intermediate checkpoint of any backend as a "
+                                "plain Hugging Face model directory"),
     "pipeline": Verb("run_pipeline.sh", "the main job: the whole chain on the embedded default"),
     "runs": Verb("forgelab.runindex", "list and filter run records (runs/<stage>/<run>/)"),
     "board": Verb("forgelab.board.cli", "the board: runs, curves and reports in the browser"),

@@ -74,7 +74,8 @@ class TrainShape:
         zo = ds.get("zero_optimization", {})
         stage = zo.get("stage")
         if stage is None:
-            stage = 3 if backend.startswith("zero3") else 2 if backend.startswith("zero2") else 0
+            stage = 3 if backend.startswith("zero3") else 2 if backend.startswith("zero2") else \
+                1 if backend.startswith("zero1") else 0
         off_opt = (zo.get("offload_optimizer") or {}).get("device")
         off_par = (zo.get("offload_param") or {}).get("device")
         shape = cls(

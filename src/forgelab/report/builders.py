@@ -11,7 +11,7 @@ from .render import Report, gib, num, pct, run_sources, table
 from .runs import (ReportError, RunRecord, discover, explain_groups, group_by_protocol,
                    load_run)
 
-FAMILIES = {"native": ("single", "ddp", "fsdp"), "deepspeed": ("zero2", "zero3_offload")}
+FAMILIES = {"native": ("single", "ddp", "fsdp"), "deepspeed": ("zero1", "zero2", "zero3", "zero3_offload")}
 FAMILY_TITLES = {"native": "Native PyTorch (single GPU, DDP, FSDP)", "deepspeed": "DeepSpeed (ZeRO-2, ZeRO-3 + offload)"}
 
 

@@ -11,7 +11,9 @@ from typing import Any, Literal, Optional, Union
 
 from ..config import ConfigError, field
 
-BACKENDS = ("single", "ddp", "fsdp", "zero2", "zero3_offload")
+BACKENDS = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+# the backends DeepSpeed runs (each with its configs/ds/<backend>.json)
+DEEPSPEED_BACKENDS = ("zero1", "zero2", "zero3", "zero3_offload")
 
 
 @dataclass
@@ -166,7 +168,7 @@ class DistSection:
                                                          "CPU (env NPROC overrides)")
     launcher: Literal["torchrun", "deepspeed"] = field("torchrun", help="multi-process launcher")
     master_port: int = field(29511, help="rendezvous port on one node (env MASTER_PORT overrides)")
-    deepspeed: Optional[str] = field(None, help="DeepSpeed JSON config (zero2 / zero3_offload backends)")
+    deepspeed: Optional[str] = field(None, help="DeepSpeed JSON config (zero1 / zero2 / zero3 / zero3_offload backends)")
     fsdp_config: dict[str, Any] = field({}, help="Trainer fsdp_config of the fsdp backend (version, "
                                                  "reshard_after_forward, auto_wrap_policy, cpu_offload, ...)")
     find_unused_parameters: bool = field(False, help="DDP: look for parameters without gradients each step")
@@ -273,7 +275,7 @@ class TrainConfig:
     task: str = field("cpt", help="the training method (forgelab/train/methods/): cpt = continue a pretrained "
                                   "model, pretrain = from scratch, sft = supervised (sft.mode lora or full)")
     track: str = field("pipeline", help="track name recorded in the summary (sanity, bench, profile, ...)")
-    backend: Literal["single", "ddp", "fsdp", "zero2", "zero3_offload"] = field(
+    backend: Literal["single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"] = field(
         "single", help="parallel backend (set by configs/train/backends/<backend>.yaml)")
     run_name: Optional[str] = field(None, help="run dir runs/train/<run_name>/ (default <task>-<track>-<backend>)")
     loss: Optional[str] = field(None, help="a loss of your own, 'module:function' or 'path/file.py:function' "
@@ -328,13 +330,13 @@ class TrainConfig:
         n = self.dist.nproc_per_node
         if isinstance(n, str) and n != "auto" or isinstance(n, int) and n < 1:
             raise ConfigError(f"key 'dist.nproc_per_node' must be 'auto' or an int >= 1, got {n!r}")
-        if self.backend in ("zero2", "zero3_offload") and not self.dist.deepspeed:
+        if self.backend in DEEPSPEED_BACKENDS and not self.dist.deepspeed:
             raise ConfigError(f"backend {self.backend} needs dist.deepspeed (a configs/ds/*.json file)")
         if self.backend != "fsdp" and self.dist.fsdp_config:
             raise ConfigError(f"dist.fsdp_config is set but backend is {self.backend}; use backend fsdp")
-        if self.backend not in ("zero2", "zero3_offload") and self.dist.deepspeed:
-            raise ConfigError(f"dist.deepspeed is set but backend is {self.backend}; use backend zero2 or "
-                              "zero3_offload")
+        if self.backend not in DEEPSPEED_BACKENDS and self.dist.deepspeed:
+            raise ConfigError(f"dist.deepspeed is set but backend is {self.backend}; use backend "
+                              + ", ".join(DEEPSPEED_BACKENDS))
         if self.profile.enabled and self.profile.active < 1:
             raise ConfigError("key 'profile.active' must be >= 1")
         rt = self.runtime

@@ -90,7 +90,7 @@ def resolve_nproc(conf: TrainConfig) -> int:
     if conf.backend == "single":
         if n not in ("auto", 1):
             raise cfg.ConfigError(f"backend single runs one process; dist.nproc_per_node/NPROC is {n} "
-                                  "(use backend ddp, fsdp, zero2 or zero3_offload)")
+                                  "(use backend ddp, fsdp, zero1, zero2, zero3 or zero3_offload)")
         return 1
     if n == "auto":
         import torch

@@ -112,8 +112,8 @@ def choose_fp8(conf, on_cuda: bool, notices: list[str]) -> str | None:
     elif conf.method.trainable != "full":
         # torchao's float8 backward computes every weight gradient, frozen base weights' too
         why = "it converts full-weight training; a LoRA run's frozen base would still pay for weight gradients"
-    elif conf.backend not in ("single", "ddp", "zero2"):
-        why = f"backend {conf.backend} shards the weights it would cast; use single, ddp or zero2"
+    elif conf.backend not in ("single", "ddp", "zero1", "zero2"):
+        why = f"backend {conf.backend} shards the weights it would cast; use single, ddp, zero1 or zero2"
     if why:
         notices.append(f"runtime.fp8 {want} is off: {why}")
         return None
