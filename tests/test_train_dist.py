@@ -191,3 +191,27 @@ def test_checkpoint_to_model_gives_the_trained_weights(backend, tiny_model_dir, 
     p = subprocess.run([PY, "scripts/checkpoint_to_model.py", str(bad), str(tmp_path / "never")], cwd=PROJECT_ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "does not match its" in p.stderr and not (tmp_path / "never").exists()
+
+
+def test_profile_track_runs_deepspeeds_profilers_beside_the_labs(tiny_model_dir, cpt_dir, tmp_path):
+    """profile.deepspeed on zero2 (2 gloo ranks, accumulation 2): DeepSpeed's flops profiler
+    gives the lab's FLOPs formula's count, its communication logger the all-reduce bytes the lab
+    parses from the trace; the profile report sets them side by side."""
+    train_cli("zero2", *tiny_sets(tiny_model_dir, cpt_dir), "--set", "steps.micro_batch_size=2",
+              "--set", "steps.grad_accum=2", "--set", "profile.deepspeed=true", "--run-name", "t-prof-ds",
+              launcher="scripts/train/profile.sh", timeout=900)
+    run = runs_dir() / "t-prof-ds"
+    ds = read_json(run / "profile_summary.json")["deepspeed"]
+    assert ds["flops_profile"]["world_size"] == 2 and ds["flops_profile"]["batch_size_per_gpu"] == 2
+    assert (run / ds["flops_profile_file"]).is_file()
+    # DeepSpeed rounds its printout to 4 digits; the lab's formula adds the attention term SDPA hides
+    assert ds["flops_ratio_deepspeed_to_lab"] == pytest.approx(1.0, abs=2e-3)
+    by = {c["op"]: c for c in ds["comms_beside_trace"]}
+    assert by["all_reduce"]["bytes_per_step_deepspeed"] == by["all_reduce"]["bytes_per_step_trace"] > 0
+    assert by["all_gather"]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    out = tmp_path / "reports"
+    p = subprocess.run([PY, "scripts/12_report.py", "profile", "--runs-root", str(runs_dir()), "--runs", "t-prof-ds",
+                        "--out", str(out)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    md = next(out.glob("*_profile.md")).read_text()
+    assert "DeepSpeed's own profilers" in md and "all_reduce" in md

@@ -442,6 +442,21 @@ def build_profile(runs: list[RunRecord], out_dir="reports", prefix="cpt", allow_
         for x in rows:
             if x["trace_files"]:
                 rep.add(f"Traces of `{x['run']}`: " + ", ".join(f"`{t}`" for t in x["trace_files"]), "")
+        ds_runs = [r for r in g if r.profile.get("deepspeed")]
+        if ds_runs:  # profile.deepspeed: DeepSpeed's flops profiler and comms logger beside the lab's numbers
+            rep.add("DeepSpeed's own profilers beside the lab's numbers (`profile.deepspeed: true`): FLOPs of one "
+                    "optimizer step per rank (DeepSpeed: its forward count x 3 x accumulation), and bytes per step "
+                    "of each collective (DeepSpeed's communication logger over the run vs the lab's trace of the "
+                    "profiled steps).", "")
+            rep.add(table(["run", "lab FLOPs/step/rank", "DeepSpeed FLOPs/step/rank", "ratio"],
+                          [[r.name, num(r.profile.get("flops_per_step_per_rank"), 0),
+                            num(r.profile["deepspeed"].get("flops_per_step_per_rank_deepspeed"), 0),
+                            num(r.profile["deepspeed"].get("flops_ratio_deepspeed_to_lab"), 4)] for r in ds_runs]), "")
+            rep.add(table(["run", "op", "DeepSpeed MiB/step", "trace MiB/step", "ratio"],
+                          [[r.name, c["op"], num(c["bytes_per_step_deepspeed"] / 2**20, 3),
+                            num(c["bytes_per_step_trace"] / 2**20 if c["bytes_per_step_trace"] is not None else None, 3),
+                            num(c["ratio"], 4)]
+                           for r in ds_runs for c in r.profile["deepspeed"].get("comms_beside_trace") or []]), "")
         rep.data["groups"].append({"protocol": g[0].protocol, "rows": rows})
     rep.add("## Runs", "")
     rep.add(*run_sources(runs, rep.out_dir))

@@ -253,6 +253,9 @@ class ProfileSection:
     record_shapes: bool = field(True, help="record operator input shapes")
     profile_memory: bool = field(False, help="record tensor allocations")
     with_stack: bool = field(False, help="record Python stacks (large traces)")
+    deepspeed: bool = field(False, help="zero backends: also run DeepSpeed's flops profiler (at the first recorded "
+                                        "step) and communication logger; profile_summary.json sets their numbers "
+                                        "beside the lab's FLOPs and trace-measured collectives")
     time_split: bool = field(True, help="host timers per phase (forward/backward/optimizer/data); on CUDA they "
                                         "sync at each boundary, so turn off to see the device's own idle time")
 

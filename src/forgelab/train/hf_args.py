@@ -27,6 +27,12 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         if offload and "optimizer" not in ds:
             # the Trainer's torch AdamW steps the offloaded fp32 master copy on the host
             ds.setdefault("zero_force_ds_cpu_optimizer", False)
+        if conf.profile.enabled and conf.profile.deepspeed:
+            from .ds_profilers import configure
+            configure(ds, conf.profile, pre.run_dir)
+    elif conf.profile.enabled and conf.profile.deepspeed:
+        notices.append(f"profile.deepspeed: DeepSpeed's profilers run on the zero backends; backend {conf.backend} "
+                       "has the lab's own profile only")
     fsdp = conf.backend == "fsdp"
     fsdp_config = dict(conf.dist.fsdp_config) if fsdp else None
     if fsdp and not on_cuda:

@@ -168,6 +168,11 @@ def write_profile_summary(pre, prof_cb: ProfilerCallback, timers: StepTimers, fp
         "trace_files": traces, "op_tables": sorted(str(p.relative_to(pre.run_dir))
                                                   for p in (pre.run_dir / "profile").glob("ops_rank*.txt")),
     }
+    if pre.conf.profile.deepspeed and pre.ds_config is not None:
+        from .ds_profilers import summary as ds_summary
+        body["deepspeed"] = ds_summary(pre.run_dir, int(run.summary.get("steps_this_session") or 0),
+                                       body["flops_per_step_per_rank"],
+                                       pre.conf.steps.grad_accum, comms)
     write_json(pre.run_dir / "profile_summary.json", body)
     run.summary["profile_summary"] = "profile_summary.json"
     run.log.info("profile summary -> %s", pre.run_dir / "profile_summary.json")
