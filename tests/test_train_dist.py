@@ -215,3 +215,33 @@ def test_profile_track_runs_deepspeeds_profilers_beside_the_labs(tiny_model_dir,
     assert p.returncode == 0, p.stderr[-2000:]
     md = next(out.glob("*_profile.md")).read_text()
     assert "DeepSpeed's own profilers" in md and "all_reduce" in md
+
+
+def test_a_ddp_checkpoint_continues_on_one_process(tiny_model_dir, cpt_dir, single_ref):
+    """ddp with 2 ranks stopped at step 2, continued by one process with the same global batch
+    (accumulation 4): steps 3-4 are the uninterrupted one-process run's, and the resume log says
+    what moved. Another global batch, or a ZeRO checkpoint under another world size, is refused
+    with the key to set."""
+    train_cli("ddp", *tiny_sets(tiny_model_dir, cpt_dir), *COMMON, "--set", "steps.stop_after_steps=2",
+              "--run-name", "t-ddp-stop2", launcher="scripts/train/sanity.sh", timeout=900)
+    ck = runs_dir() / "t-ddp-stop2" / "checkpoint-2"
+    base = ("single", *tiny_sets(tiny_model_dir, cpt_dir), *COMMON, "--set", f"checkpoint.resume={ck}")
+    r = train_cli(*base, "--set", "steps.grad_accum=2", "--run-name", "t-ddp-to-single-bad",
+                  launcher="scripts/train/sanity.sh", check=False)
+    assert r.returncode == 2 and "global batch of 8" in r.stderr and "steps.grad_accum=4" in r.stderr
+    r = train_cli(*base, "--set", "steps.grad_accum=4", "--run-name", "t-ddp-to-single",
+                  launcher="scripts/train/sanity.sh")
+    assert "written by ddp with 2 rank(s); this run is single with 1" in r.stderr + r.stdout
+    ref, got = metrics(runs_dir() / "t-single-ref"), metrics(runs_dir() / "t-ddp-to-single")
+    assert [x["step"] for x in got] == [3, 4]
+    assert [x["loss"] for x in got] == pytest.approx([x["loss"] for x in ref[2:]], rel=1e-5)
+    assert [x["grad_norm"] for x in got] == pytest.approx([x["grad_norm"] for x in ref[2:]], rel=1e-5)
+    s = read_json(runs_dir() / "t-ddp-to-single" / "train_summary.json")
+    assert s["world_size"] == 1 and s["steps"] == 4
+    z = runs_dir() / "t-zero2" / "checkpoint-4"
+    if not z.is_dir():
+        _sanity("zero2", tiny_model_dir, cpt_dir, "t-zero2")
+    r = train_cli("single", *tiny_sets(tiny_model_dir, cpt_dir), *COMMON, "--set", "steps.grad_accum=4",
+                  "--set", f"checkpoint.resume={z}", "--run-name", "t-zero2-to-single",
+                  launcher="scripts/train/sanity.sh", check=False)
+    assert r.returncode == 2 and "DeepSpeed ZeRO checkpoint resumes only under the backend and world size" in r.stderr

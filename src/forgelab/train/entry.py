@@ -207,6 +207,10 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
     nproc = resolve_nproc(conf)
     nnodes = int(os.environ.get("NNODES", "1"))
     resume, resume_msg = ckpt.resolve_resume(conf.checkpoint.resume, run_dir, project_path)
+    if resume is not None:
+        from .portable import check as check_portable
+        moved = check_portable(resume, conf, nproc * nnodes)
+        resume_msg += f"; {moved}" if moved else ""
     if check_run_dir and resume is None and not conf.checkpoint.overwrite:
         earlier = [n for n in RUN_OUTPUTS if (run_dir / n).exists()] + [p.name for _, p in
                                                                         ckpt.complete_checkpoints(run_dir)]
