@@ -57,4 +57,4 @@ def test_served_math_gives_the_in_process_answers(backend, inprocess, raw_data, 
     assert any(not r["stopped"] and r["new_tokens"] == 12 for r in rec)
     # the server started for the run was stopped with it
     states = [server.load_state(d.name) for d in server.serve_root().iterdir() if d.name.startswith("eval-tiny-")]
-    assert states and not any(server._alive(st) for st in states)
+    assert states and not any(server.is_alive(st) for st in states)

@@ -68,7 +68,7 @@ def served(gguf, llamacpp_bin_dir, request):
     conf = _conf(gguf, llamacpp_bin_dir, "name=test-llamacpp")
     with server.running(conf) as state:
         yield SimpleNamespace(state=state, ep=server.endpoint_from_state(state), conf=conf)
-    assert not server._alive(state), "llama-server still runs after stop"
+    assert not server.is_alive(state), "llama-server still runs after stop"
 
 
 # ----------------------------------------------------------------------------- toolchain

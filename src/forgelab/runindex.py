@@ -136,9 +136,9 @@ def _server_alive(run_dir: Path) -> bool:
     if not state.exists():
         return False
     try:
-        from .serve.server import _alive
+        from .serve.server import is_alive
         s = read_json(state)
-        return s.get("status") == "running" and _alive(s)
+        return s.get("status") == "running" and is_alive(s)
     except (OSError, ValueError):
         return False
 

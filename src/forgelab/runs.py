@@ -69,6 +69,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def tail_lines(path: str | Path, n: int, max_bytes: int = 256 * 1024) -> str | None:
+    """The last n lines of a text file (None when it is missing), reading only its end: logs of
+    long runs grow large."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - max_bytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        return None
+    return "\n".join(lines[-n:])
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 

@@ -44,14 +44,14 @@ def build(runs_root: Path, reports_dir: Path) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs") as tabs:
             # ------------------------------------------------------------------ runs
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                heads, rows, all_stages = data.runs_rows(runs_root)
                 with gr.Row():
-                    f_stage = gr.Dropdown(label="stage", multiselect=True, choices=data.stages(runs_root),
+                    f_stage = gr.Dropdown(label="stage", multiselect=True, choices=all_stages,
                                           elem_id="runs-stage")
                     f_status = gr.Dropdown(label="status", multiselect=True, choices=list(runindex.STATUSES),
                                            elem_id="runs-status")
                     f_text = gr.Textbox(label="name / fingerprint / command contains", elem_id="runs-text")
                     b_refresh = gr.Button("Refresh", elem_id="runs-refresh")
-                heads, rows = data.runs_rows(runs_root)
                 table = gr.Dataframe(value=rows, headers=heads, interactive=False, wrap=True,
                                      elem_id="runs-table")
                 runs_count = gr.Markdown(f"{len(rows)} runs", elem_id="runs-count")
@@ -137,9 +137,9 @@ def build(runs_root: Path, reports_dir: Path) -> gr.Blocks:
 
         # ---------------------------------------------------------------------- runs: handlers
         def refresh_runs(stages_, statuses, text):
-            heads_, rows_ = data.runs_rows(runs_root, stages_, statuses, text or "")
-            return (gr.update(value=rows_, headers=heads_), f"{len(rows_)} runs",
-                    _dropdown(data.stages(runs_root), stages_ or None))
+            heads_, rows_, all_stages_ = data.runs_rows(runs_root, stages_, statuses, text or "")
+            # new stages become choices; the chosen ones stay chosen
+            return gr.update(value=rows_, headers=heads_), f"{len(rows_)} runs", gr.update(choices=all_stages_)
 
         for ev in (f_stage.change, f_status.change, f_text.submit, b_refresh.click):
             ev(refresh_runs, [f_stage, f_status, f_text], [table, runs_count, f_stage])

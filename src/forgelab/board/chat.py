@@ -37,10 +37,10 @@ def start_embedded(api_key: str = "") -> dict:
     from .. import config as cfg
     from ..runs import project_path
     from ..serve.config import ServeConfig
-    conf = cfg.load(ServeConfig, [project_path(EMBEDDED_CONFIG)],
-                    [f"name={BOARD_SERVER}", f"port={server.free_port()}"] + ([f"api_key={api_key}"] if api_key else []))
+    overrides = [f"name={BOARD_SERVER}", f"port={server.free_port()}"] + ([f"api_key={api_key}"] if api_key else [])
+    conf = cfg.load(ServeConfig, [project_path(EMBEDDED_CONFIG)], overrides)
     existing = server.load_state(BOARD_SERVER)
-    if existing and server._alive(existing):
+    if existing and server.is_alive(existing):
         return existing
     return server.start_recorded(conf, progress=False)
 

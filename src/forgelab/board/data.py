@@ -12,7 +12,7 @@ import yaml
 
 from .. import runindex
 from ..report.runs import ReportError, check_comparable, load_run
-from ..runs import read_metrics
+from ..runs import read_metrics, tail_lines
 
 LOG_NAMES = ("run.log", "server.log")
 TAIL_LINES = 60
@@ -28,17 +28,15 @@ class BoardError(ValueError):
 # ----------------------------------------------------------------------------- runs
 
 def runs_rows(root: Path, stages: list[str] | None = None, statuses: list[str] | None = None,
-              text: str = "") -> tuple[list[str], list[list[Any]]]:
-    entries = runindex.filter_runs(runindex.scan(root), stage=stages or None, status=statuses or None, text=text)
+              text: str = "") -> tuple[list[str], list[list[Any]], list[str]]:
+    """The table's headers and rows, filtered, and every stage that has runs (one scan)."""
+    every = runindex.scan(root)
+    entries = runindex.filter_runs(every, stage=stages or None, status=statuses or None, text=text)
     heads = ["stage", "name", "status", "date", "config hash", "data fingerprint", "tokenizer fingerprint", "metrics"]
     rows = [[e.stage, e.name, e.status, (e.date or "")[:19].replace("T", " "), e.config_hash or "",
              e.data_fingerprint or "", e.tokenizer_fingerprint or "", runindex.format_metrics(e.metrics)]
             for e in entries]
-    return heads, rows
-
-
-def stages(root: Path) -> list[str]:
-    return sorted({e.stage for e in runindex.scan(root)})
+    return heads, rows, sorted({e.stage for e in every})
 
 
 def run_keys(root: Path, stage: str | None = None) -> list[str]:
@@ -48,14 +46,7 @@ def run_keys(root: Path, stage: str | None = None) -> list[str]:
 # ----------------------------------------------------------------------------- one run
 
 def tail(path: Path, n: int = TAIL_LINES) -> str:
-    if not path.is_file():
-        return ""
-    with open(path, "rb") as f:  # the end of a large log without reading all of it
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - 256 * 1024))
-        lines = f.read().decode("utf-8", "replace").splitlines()
-    return "\n".join(lines[-n:])
+    return tail_lines(path, n) or ""
 
 
 def metrics_of(run_dir: Path) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from .. import config as cfg
 from ..cli import schema
 from ..runs import PROJECT_ROOT, now_iso, read_json, runs_dir, write_json
+from ..serve import server
 
 # stage -> (script, config kind, default config, run-record stage)
 STAGES: dict[str, tuple[str, str, str, str]] = {
@@ -131,7 +131,7 @@ def start(spec: Spec) -> dict:
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    rec = {"id": lid, "pid": proc.pid, "pgid": proc.pid, "create_time": _create_time(proc.pid),
+    rec = {"id": lid, "pid": proc.pid, "pgid": proc.pid, "create_time": server.proc_start_time(proc.pid),
            "command": argv, "run": f"{spec.record_stage()}/{spec.run_name}", "log": str(log),
            "started_at": now_iso(), "spec": spec.__dict__}
     write_json(d / "launch.json", rec)
@@ -142,28 +142,13 @@ def start(spec: Spec) -> dict:
 _children: dict[int, subprocess.Popen] = {}
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        import psutil
-        return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - gone already
-        return None
-
-
 def _alive(rec: dict) -> bool:
+    """Is the launch's leader still the process it started? (A child this board started is
+    polled first, which also reaps it.) The same test as for the lab's servers."""
     child = _children.get(rec["pid"])
     if child is not None and child.poll() is not None:
         return False
-    t = _create_time(rec["pid"])
-    if t is None:
-        return False
-    try:
-        import psutil
-        if psutil.Process(rec["pid"]).status() == psutil.STATUS_ZOMBIE:
-            return False
-    except Exception:  # noqa: BLE001
-        return False
-    return rec.get("create_time") is None or abs(t - rec["create_time"]) < 1.0
+    return server.is_alive(rec)
 
 
 def status(rec: dict) -> str:
@@ -191,29 +176,16 @@ def recorded() -> list[dict]:
 
 
 def stop(lid: str, grace_s: float = 150.0, wait: bool = True) -> str:
-    """SIGTERM to the launch's process group, SIGKILL if it is still there after grace_s. With
-    wait=False it returns at once and the escalation happens in the background."""
+    """SIGTERM to the launch's process group (every rank torchrun started), SIGKILL if any of it
+    is still there after grace_s, as the lab's servers are stopped. With wait=False it returns
+    at once and the escalation happens in the background."""
     rec = load(lid)
     if not _alive(rec):
         return f"{lid}: not running ({status(rec)})"
-    try:
-        os.killpg(rec["pgid"], signal.SIGTERM)
-    except ProcessLookupError:
-        return f"{lid}: already gone"
-
-    def escalate() -> str:
-        t0 = time.time()
-        while time.time() - t0 < grace_s:
-            if not _alive(rec):
-                return f"{lid}: stopped (SIGTERM) after {time.time() - t0:.1f} s"
-            time.sleep(0.5)
-        try:
-            os.killpg(rec["pgid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return f"{lid}: killed (SIGKILL) after {grace_s:.0f} s without exiting"
     if wait:
-        return escalate()
+        t0 = time.time()
+        server.kill_group(rec["pgid"], grace_s)
+        return f"{lid}: stopped after {time.time() - t0:.1f} s"
     import threading
-    threading.Thread(target=escalate, daemon=True).start()
+    threading.Thread(target=server.kill_group, args=(rec["pgid"], grace_s), daemon=True).start()
     return f"{lid}: SIGTERM sent (a training run saves a checkpoint first; SIGKILL after {grace_s:.0f} s)"

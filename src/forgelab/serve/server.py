@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import config as cfg
-from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, project_path, read_json, runs_dir, write_json
+from ..runs import PROJECT_ROOT, atomic_write_text, now_iso, project_path, read_json, runs_dir, tail_lines, write_json
 from .client import Endpoint, RequestError, chat_once, get_json
 from . import lora
 from .config import ServeConfig
@@ -159,7 +159,7 @@ def masked(conf: ServeConfig) -> ServeConfig:
 
 # ----------------------------------------------------------------------------- process state
 
-def _proc_start_time(pid: int) -> float | None:
+def proc_start_time(pid: int) -> float | None:
     try:
         import psutil
         return psutil.Process(pid).create_time()
@@ -167,12 +167,12 @@ def _proc_start_time(pid: int) -> float | None:
         return None
 
 
-def _alive(state: dict) -> bool:
+def is_alive(state: dict) -> bool:
     """Is the recorded server process still the one we started (not a reused pid)?"""
     pid = state.get("pid")
     if not pid:
         return False
-    started = _proc_start_time(pid)
+    started = proc_start_time(pid)
     if started is None:
         return False
     try:
@@ -214,11 +214,8 @@ def endpoint_from_state(state: dict, api_key: str = "") -> Endpoint:
 
 
 def log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(lines[-n:])
+    text = tail_lines(path, n)
+    return "(no log)" if text is None else text
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -244,7 +241,7 @@ def start(conf: ServeConfig, log=None, progress: bool = True) -> dict:
     name = conf.server_name
     d = server_dir(name)
     old = load_state(name)
-    if old and _alive(old):
+    if old and is_alive(old):
         raise ServeError(f"server {name!r} is already running (pid {old['pid']}, {old['url']}); "
                          f"stop it first: scripts/10_serve.sh stop {name}")
     if conf.backend == "vllm" and not project_path(conf.vllm.python).exists():
@@ -285,7 +282,7 @@ def start(conf: ServeConfig, log=None, progress: bool = True) -> dict:
     url = f"http://{url_host(conf.host)}:{conf.port}/v1"
     state = {
         "name": name, "backend": conf.backend, "pid": proc.pid, "pgid": proc.pid,
-        "create_time": _proc_start_time(proc.pid), "url": url, "model": conf.model,
+        "create_time": proc_start_time(proc.pid), "url": url, "model": conf.model,
         "request_model": request_model_name(conf), "host": conf.host, "port": conf.port,
         "auth": bool(conf.resolved_api_key()), "command": cmd,
         "env": {k: ("***" if "KEY" in k else v) for k, v in extra_env.items()},
@@ -305,7 +302,7 @@ def start(conf: ServeConfig, log=None, progress: bool = True) -> dict:
             except (RequestError, lora.AdapterError) as e:
                 raise ServeError(f"LoRA adapters: {e}") from None
     except BaseException as e:
-        _kill_group(proc.pid, conf.stop_timeout_s)
+        kill_group(proc.pid, conf.stop_timeout_s)
         proc.wait(timeout=5)
         state.update(status="failed", stopped_at=now_iso())
         write_json(d / "server.json", state)
@@ -348,7 +345,7 @@ def wait_ready(proc: subprocess.Popen, ep: Endpoint, timeout_s: float, progress:
     raise ServeError(f"server did not answer within {timeout_s:.0f} s (last error: {last_error})")
 
 
-def _kill_group(pgid: int, grace_s: float) -> None:
+def kill_group(pgid: int, grace_s: float) -> None:
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
@@ -375,11 +372,11 @@ def stop(name: str, grace_s: float | None = None) -> str:
         raise ServeError(f"no server named {name!r} under {serve_root()}")
     d = server_dir(name)
     grace = grace_s if grace_s is not None else state.get("config", {}).get("stop_timeout_s", 30.0)
-    if _alive(state):
-        _kill_group(state["pgid"], grace)
+    if is_alive(state):
+        kill_group(state["pgid"], grace)
         outcome = "stopped"
     elif state.get("pgid") and _group_alive(state["pgid"]) and state.get("status") == "running":
-        _kill_group(state["pgid"], grace)  # the API process died but its engine lingers
+        kill_group(state["pgid"], grace)  # the API process died but its engine lingers
         outcome = "stopped leftover processes"
     else:
         outcome = "was not running"
@@ -398,7 +395,7 @@ def status(name: str | None = None) -> list[dict]:
         state = load_state(n)
         if state is None:
             raise ServeError(f"no server named {n!r} under {root}")
-        running = _alive(state)
+        running = is_alive(state)
         healthy = False
         if running:
             try:
@@ -441,7 +438,7 @@ def resolve_endpoint(url: str = "", server: str = "", model: str = "", api_key: 
         return Endpoint(base_url=url, model=model, api_key=key)
     if server:
         state = load_state(server)
-        if state is None or not _alive(state):
+        if state is None or not is_alive(state):
             raise ServeError(f"server {server!r} is not running; start it with "
                              f"scripts/10_serve.sh {state['backend'] if state else 'transformers'}")
     else:
