@@ -12,7 +12,7 @@ from .runs import (ReportError, RunRecord, discover, explain_groups, group_by_pr
                    load_run)
 
 FAMILIES = {"native": ("single", "ddp", "fsdp"), "deepspeed": ("zero1", "zero2", "zero3", "zero3_offload")}
-FAMILY_TITLES = {"native": "Native PyTorch (single GPU, DDP, FSDP)", "deepspeed": "DeepSpeed (ZeRO-2, ZeRO-3 + offload)"}
+FAMILY_TITLES = {"native": "Native PyTorch (single GPU, DDP, FSDP)", "deepspeed": "DeepSpeed (ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-3 + offload)"}
 
 
 # ----------------------------------------------------------------------------- shared pieces

@@ -25,6 +25,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 FSDP_DIR = "pytorch_model_fsdp_0"
+FSDP_OPTIMIZER_DIR = "optimizer_0"
 
 
 class ConvertError(RunError):
@@ -50,17 +51,19 @@ def _zero_state(ckpt: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
 
 
-def _dcp_state(ckpt: Path) -> dict:
+def dcp_load(path: Path, key: str) -> dict:
+    """Entry `key` of a torch.distributed.checkpoint folder, merged into full tensors in this
+    process (accelerate saves {"model": state_dict} and {"optimizer": optimizer state})."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "merged.pt"
-        dcp_to_torch_save(str(ckpt / FSDP_DIR), str(out))
+        dcp_to_torch_save(str(path), str(out))
         state = torch.load(out, map_location="cpu", weights_only=True)
-    return state.get("model", state)  # accelerate saves {"model": state_dict}
+    return state.get(key, state)
 
 
-def _model_from_state(ckpt: Path, state: dict):
+def model_from_state(ckpt: Path, state: dict):
     """The checkpoint's architecture with `state` loaded; every weight must be there except
     the ones tied to another (the LM head of a tied embedding)."""
     import torch
@@ -108,7 +111,7 @@ def convert(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
                 ranks = len(list(next(ckpt.glob("global_step*")).glob("*optim_states.pt")))
                 how = f"fp32 master weights reassembled from DeepSpeed ZeRO partitions of {ranks} rank(s)"
             elif kind == "fsdp_sharded":
-                state = _dcp_state(ckpt)
+                state = dcp_load(ckpt / FSDP_DIR, "model")
                 how = f"FSDP sharded state ({FSDP_DIR}/) merged by torch.distributed.checkpoint"
             else:
                 from transformers import AutoModelForCausalLM
@@ -116,7 +119,7 @@ def convert(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
                 state = None
                 how = "the checkpoint's own model files"
             if state is not None:
-                model = _model_from_state(ckpt, state)
+                model = model_from_state(ckpt, state)
             model.save_pretrained(stage, safe_serialization=True)
         for f in SIDE_FILES:
             if (ckpt / f).is_file() and not (stage / f).exists():

@@ -26,7 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field as dfield
+from dataclasses import dataclass, field as dfield, replace
 from pathlib import Path
 
 from .. import cli
@@ -73,6 +73,8 @@ class Preflight:
     resume_msg: str
     notices: list[str] = dfield(default_factory=list)
     chat_template: str | None = None  # the SFT store's own template (tokenize_sft chat_template), set on the tokenizer
+    convert_from: Path | None = None  # a checkpoint resumed through a converted copy (portable.py) ...
+    convert_to: str = ""  # ... in this layout: 'universal' or 'full'
 
 
 def runs_root() -> Path:
@@ -207,10 +209,22 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
     nproc = resolve_nproc(conf)
     nnodes = int(os.environ.get("NNODES", "1"))
     resume, resume_msg = ckpt.resolve_resume(conf.checkpoint.resume, run_dir, project_path)
+    convert_from, convert_to = None, ""
     if resume is not None:
-        from .portable import check as check_portable
-        moved = check_portable(resume, conf, nproc * nnodes)
-        resume_msg += f"; {moved}" if moved else ""
+        from . import portable
+        plan = portable.check(resume, conf, nproc * nnodes)
+        resume_msg += f"; {plan.message}" if plan.message else ""
+        if plan.convert:
+            convert_from, convert_to = resume, plan.convert
+            if plan.convert == "universal":
+                ds_config = dict(ds_config or {})
+                ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+            if "LOCAL_RANK" in os.environ:  # a rank: its driver converted it before launching
+                resume = portable.converted_path(run_dir, convert_from)
+                if not (resume / portable.SOURCE_FILE).is_file():
+                    raise cfg.ConfigError(f"key 'checkpoint.resume': {convert_from} is resumed through a converted "
+                                          f"copy at {resume}, which is missing; launch through scripts/train.py, "
+                                          "which makes it")
     if check_run_dir and resume is None and not conf.checkpoint.overwrite:
         earlier = [n for n in RUN_OUTPUTS if (run_dir / n).exists()] + [p.name for _, p in
                                                                         ckpt.complete_checkpoints(run_dir)]
@@ -222,7 +236,8 @@ def preflight(conf: TrainConfig, run_name: str | None = None, check_run_dir: boo
     return Preflight(conf=conf, run_name=run_name, run_dir=run_dir, train=train, eval=ev, tokenizer_dir=tok_dir,
                      tokenizer_fp=tok_fp, model_config=model_config, model_source=source, ds_config=ds_config,
                      nproc=nproc, nnodes=nnodes, resume=resume, resume_msg=resume_msg, notices=notices,
-                     chat_template=template)
+                     chat_template=template, convert_from=convert_from,
+                     convert_to=convert_to)
 
 
 def _store_template(train: DataInfo, ev: DataInfo | None) -> str | None:
@@ -321,6 +336,12 @@ def _worker_env(pre: Preflight) -> dict:
 
 
 def run_step(pre: Preflight, step: PlanStep, config_args: list[str], in_process: bool) -> int:
+    if pre.convert_from is not None and pre.resume == pre.convert_from:  # once, before any rank starts
+        from .portable import convert
+        done = convert(pre.convert_from, pre.run_dir, pre.convert_to, log)
+        log.info("%s resumes from its converted copy %s", pre.convert_from, done)
+        if in_process:
+            pre = replace(pre, resume=done)
     if in_process:
         from .session import run_session
         return run_session(pre, step.info)

@@ -211,6 +211,8 @@ def _build_trainer(s: Session, run, args, tokenizer, mc):
         resume_step = int(st["global_step"])
         s.resume_info = {"from_checkpoint": str(pre.resume), "step": resume_step,
                          "tokens": int(st.get("num_input_tokens_seen", 0))}
+        if pre.convert_from is not None:
+            s.resume_info["converted_from"] = str(pre.convert_from)
         if s.is_main:
             kept = truncate_metrics(pre.run_dir / "metrics.jsonl", resume_step)
             truncate_metrics(pre.run_dir / "eval_metrics.jsonl", resume_step)
