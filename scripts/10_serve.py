@@ -4,6 +4,7 @@
   scripts/10_serve.sh transformers [MODEL]     start `transformers serve` (the embedded default)
   scripts/10_serve.sh vllm [MODEL]             start vLLM (bash scripts/setup_vllm_cpu.sh on CPU)
   scripts/10_serve.sh llamacpp [GGUF]          start llama-server (bash scripts/setup_llamacpp.sh builds it)
+  scripts/10_serve.sh deepspeed [MODEL]        start DeepSpeed Inference (forgelab.serve.ds_inference)
   scripts/10_serve.sh start BACKEND [MODEL] [--config YAML] [--set KEY=VALUE] [--name NAME]
   scripts/10_serve.sh status [NAME]            list recorded servers and whether they answer
   scripts/10_serve.sh stop [NAME]              stop one server (default: every running one)
@@ -20,7 +21,7 @@ from forgelab import cli
 from forgelab.serve import server
 from forgelab.serve.config import ServeConfig
 
-BACKENDS = ("transformers", "vllm", "llamacpp")
+BACKENDS = ("transformers", "vllm", "llamacpp", "deepspeed")
 
 
 def main() -> int:

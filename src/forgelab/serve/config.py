@@ -74,8 +74,21 @@ class LlamaCppSettings:
 
 
 @dataclass
+class DeepSpeedInferenceSettings:
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", help="weights/activation dtype (--dtype); auto: fp32 on CPU, bf16 (else fp16) on CUDA")
+    kernel_inject: bool = field(False, help="DeepSpeed's fused inference kernels (replace_with_kernel_inject); "
+                                "CUDA only: on CPU the server says so and serves without them")
+    tensor_parallel_size: int = field(1, help="GPUs the weights are split across; only 1 (more needs one "
+                                      "process per GPU through the deepspeed launcher)")
+    max_new_tokens: int = field(1024, help="cap on a request's max_tokens (and the default when it sends none)")
+    served_model_name: str = field("", help="model name clients send and /v1/models lists; empty: the model path")
+    env: dict[str, str] = field({}, help="extra environment for the server")
+
+
+@dataclass
 class ServeConfig:
-    backend: Literal["transformers", "vllm", "llamacpp"] = field("transformers", help="serving engine")
+    backend: Literal["transformers", "vllm", "llamacpp", "deepspeed"] = field("transformers", help="serving engine")
     name: str = field("", help="server name: its records live in runs/serve/<name>/ (default: backend)")
     model: str = field("model/smollm2-135m-instruct", help="model dir (or hub id) to serve")
     host: str = field("127.0.0.1", help="listen address; a non-loopback one needs api_key")
@@ -91,6 +104,8 @@ class ServeConfig:
                                                help="settings used when backend is transformers")
     llamacpp: LlamaCppSettings = field(LlamaCppSettings, help="settings used when backend is llamacpp "
                                        "(model is a .gguf file)")
+    deepspeed: DeepSpeedInferenceSettings = field(DeepSpeedInferenceSettings,
+                                                  help="settings used when backend is deepspeed (DeepSpeed Inference)")
 
     def validate(self) -> None:
         if self.backend == "llamacpp":
@@ -100,6 +115,11 @@ class ServeConfig:
             if self.llamacpp.n_parallel < 1 or self.llamacpp.ctx_size < self.llamacpp.n_parallel:
                 raise ConfigError("keys 'llamacpp.n_parallel' and 'llamacpp.ctx_size' must be >= 1 and "
                                   "ctx_size >= n_parallel")
+        if self.deepspeed.tensor_parallel_size != 1:
+            raise ConfigError(f"key 'deepspeed.tensor_parallel_size': {self.deepspeed.tensor_parallel_size} is not "
+                              "supported, only 1 (tensor parallelism needs one process per GPU)")
+        if self.deepspeed.max_new_tokens < 1:
+            raise ConfigError("key 'deepspeed.max_new_tokens' must be >= 1")
         if not 0 < self.port < 65536:
             raise ConfigError(f"key 'port': {self.port} is not a TCP port")
         if self.vllm.tensor_parallel_size < 1:

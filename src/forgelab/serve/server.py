@@ -93,6 +93,16 @@ def build_command(conf: ServeConfig) -> tuple[list[str], dict[str, str]]:
     elif conf.backend == "llamacpp":
         cmd, lenv = llamacpp_command(conf, model)
         env.update(lenv)
+    elif conf.backend == "deepspeed":
+        ds = conf.deepspeed
+        cmd = [sys.executable, "-m", "forgelab.serve.ds_inference", "--model", model, "--host", conf.host,
+               "--port", str(conf.port), "--dtype", ds.dtype, "--tensor-parallel-size", str(ds.tensor_parallel_size),
+               "--max-new-tokens", str(ds.max_new_tokens), "--served-model-name", request_model_name(conf)]
+        if ds.kernel_inject:
+            cmd.append("--kernel-inject")
+        if key:
+            env[GUARD_KEY_ENV] = key  # the server reads (and drops) it from its environment
+        env.update(ds.env)
     else:
         t = conf.transformers
         args = [model, "--host", conf.host, "--port", str(conf.port), "--device", t.device,
@@ -149,6 +159,8 @@ def request_model_name(conf: ServeConfig) -> str:
         return llamacpp_alias(conf)
     if conf.backend == "vllm":
         return conf.vllm.served_model_name or model_arg(conf.model)
+    if conf.backend == "deepspeed":
+        return conf.deepspeed.served_model_name or model_arg(conf.model)
     return model_arg(conf.model)
 
 
