@@ -122,7 +122,10 @@ class MetricsCallback(TrainerCallback):
         import torch
         acc = self.trainer.accelerator
         t = torch.tensor([local], dtype=torch.int64, device=acc.device)
-        return int(acc.reduce(t, reduction="sum").item())
+        # the ranks of one AutoTP / Ulysses group all count the same batches (Ulysses hands every
+        # rank each whole batch of its group before slicing the sequences), so count one group once
+        group = self.trainer.get_tp_size() * self.trainer.get_sp_size()
+        return int(acc.reduce(t, reduction="sum").item()) // group
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "loss" not in logs or "train_loss" in logs:

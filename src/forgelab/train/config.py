@@ -14,6 +14,13 @@ from ..config import ConfigError, field
 BACKENDS = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 # the backends DeepSpeed runs (each with its configs/ds/<backend>.json)
 DEEPSPEED_BACKENDS = ("zero1", "zero2", "zero3", "zero3_offload")
+# the backends under which dist.tensor_parallel / dist.sequence_parallel run (docs/parallelism.md):
+# DeepSpeed ZeRO-1/2, the stages measured with 2 gloo ranks. Under ZeRO-3 transformers refuses to
+# load a model for AutoTP (integrations/deepspeed.py: "Weight conversions ... with DeepSpeed Tensor
+# Parallelism are not yet implemented")
+MODEL_PARALLEL_BACKENDS = ("zero1", "zero2")
+# the methods they are measured with: full-weight training on CPT blocks (fixed length, stock Trainer loop)
+MODEL_PARALLEL_TASKS = ("cpt", "pretrain")
 
 
 @dataclass
@@ -175,6 +182,15 @@ class DistSection:
     bucket_cap_mb: Optional[int] = field(None, help="DDP gradient bucket size in MB")
     timeout_s: int = field(1800, help="collective timeout in seconds")
     hostfile: Optional[str] = field(None, help="DeepSpeed launcher hostfile for multi-node (launcher=deepspeed)")
+    tensor_parallel: int = field(1, help="DeepSpeed AutoTP training: each decoder Linear sharded over this many "
+                                         "ranks (written as tensor_parallel.autotp_size into the DeepSpeed config); "
+                                         "zero1/zero2, cpt/pretrain; data-parallel size = world / this. "
+                                         "docs/parallelism.md")
+    sequence_parallel: int = field(1, help="DeepSpeed Ulysses (ALST) sequence parallelism through accelerate's "
+                                           "ParallelismConfig(sp_backend=deepspeed): each sequence split over this "
+                                           "many ranks, attention heads all-to-all; zero1/zero2, cpt/pretrain, "
+                                           "sdpa or flash attention; data-parallel size = world / this. "
+                                           "docs/parallelism.md")
 
 
 @dataclass
@@ -340,6 +356,7 @@ class TrainConfig:
         if self.backend not in DEEPSPEED_BACKENDS and self.dist.deepspeed:
             raise ConfigError(f"dist.deepspeed is set but backend is {self.backend}; use backend "
                               + ", ".join(DEEPSPEED_BACKENDS))
+        self._validate_model_parallel()
         if self.profile.enabled and self.profile.active < 1:
             raise ConfigError("key 'profile.active' must be >= 1")
         rt = self.runtime
@@ -358,6 +375,39 @@ class TrainConfig:
         if self.eval.every_steps and not self.data.eval:
             raise ConfigError("key 'eval.every_steps' is set but data.eval is empty")
 
+    def _validate_model_parallel(self) -> None:
+        """dist.tensor_parallel / dist.sequence_parallel: only the combinations measured on CPU
+        (docs/parallelism.md); the world size and the sequence length are checked by the ranks
+        (hf_args.model_parallel_sizes), which know them."""
+        d = self.dist
+        for key, v in (("dist.tensor_parallel", d.tensor_parallel), ("dist.sequence_parallel", d.sequence_parallel)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"key '{key}' must be an int >= 1 (1 = off), got {v!r}")
+            if v == 1:
+                continue
+            if self.backend not in MODEL_PARALLEL_BACKENDS:
+                raise ConfigError(f"key '{key}' = {v} needs backend zero1 or zero2 (DeepSpeed), got {self.backend}"
+                                  + ("; under ZeRO-3 transformers cannot load a model for AutoTP"
+                                     if key == "dist.tensor_parallel" and self.backend.startswith("zero3") else ""))
+            if self.task not in MODEL_PARALLEL_TASKS:
+                raise ConfigError(f"key '{key}' = {v} runs with task cpt or pretrain (full weights on CPT "
+                                  f"blocks), got task {self.task}")
+        if d.tensor_parallel > 1 and d.sequence_parallel > 1:
+            raise ConfigError("keys 'dist.tensor_parallel' and 'dist.sequence_parallel' are both > 1; set one of "
+                              "them (their combination is not measured)")
+        if d.sequence_parallel > 1:
+            if self.model.attn_implementation == "eager":
+                raise ConfigError("key 'dist.sequence_parallel' needs model.attn_implementation sdpa, flex_attention "
+                                  "or flash_attention_*: DeepSpeed's Ulysses attention does not wrap eager")
+            if self.loss:
+                raise ConfigError("key 'dist.sequence_parallel' computes the loss itself (transformers' "
+                                  "deepspeed_sp_compute_loss, weighted over the sequence shards); unset key 'loss'")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that train one data-parallel replica's batch together (AutoTP or Ulysses group)."""
+        return self.dist.tensor_parallel * self.dist.sequence_parallel
+
     @property
     def method(self):
         """The training method this config selects (forgelab.train.methods)."""
@@ -370,4 +420,7 @@ class TrainConfig:
         return self.method.random_init(self)
 
     def resolved_run_name(self) -> str:
-        return self.run_name or f"{self.task}-{self.track}-{self.backend}"
+        # a tensor/sequence-parallel run gets its own default name, not the plain backend's run dir
+        mp = "".join(f"-{tag}{n}" for tag, n in (("tp", self.dist.tensor_parallel), ("sp", self.dist.sequence_parallel))
+                     if n > 1)
+        return self.run_name or f"{self.task}-{self.track}-{self.backend}{mp}"

@@ -85,12 +85,20 @@ def open_dataset(info: DataInfo):
 
 
 class CPTCollator:
-    """Stack fixed-length blocks; every token is real."""
+    """Stack fixed-length blocks; every token is real. ``position_ids``: add them (0..seq-1 per
+    block) for Ulysses sequence parallelism, whose DataLoader adapter refuses batches without
+    them: each rank keeps only a slice of the sequence and needs its tokens' global positions."""
+
+    def __init__(self, position_ids: bool = False):
+        self.position_ids = position_ids
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
         batch = {"input_ids": torch.stack([f["input_ids"] for f in features]),
                  "labels": torch.stack([f["labels"] for f in features])}
+        if self.position_ids:
+            b, n = batch["input_ids"].shape
+            batch["position_ids"] = torch.arange(n).expand(b, n).contiguous()
         batch[TOKENS_KEY] = batch[SLOTS_KEY] = int(batch["input_ids"].numel())
         return batch
 

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..config import ConfigError
 from .optim import optimizer_name, scheduler_args
 
 
@@ -30,6 +31,7 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         if conf.profile.enabled and conf.profile.deepspeed:
             from .ds_profilers import configure
             configure(ds, conf.profile, pre.run_dir)
+        tp_section(ds, conf.dist.tensor_parallel, conf.dist.deepspeed)
     elif conf.profile.enabled and conf.profile.deepspeed:
         notices.append(f"profile.deepspeed: DeepSpeed's profilers run on the zero backends; backend {conf.backend} "
                        "has the lab's own profile only")
@@ -41,6 +43,7 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         fsdp, fsdp_config = False, None
     sched, sched_kw = scheduler_args(op.scheduler, op.min_lr_ratio)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_model_parallel(pre, world)
     kw = dict(
         output_dir=str(pre.run_dir), max_steps=st.max_steps, per_device_train_batch_size=st.micro_batch_size,
         gradient_accumulation_steps=st.grad_accum, learning_rate=op.lr, lr_scheduler_type=sched,
@@ -71,6 +74,7 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         ddp_find_unused_parameters=conf.dist.find_unused_parameters,
         ddp_bucket_cap_mb=conf.dist.bucket_cap_mb, ddp_timeout=conf.dist.timeout_s,
         deepspeed=ds, fsdp=True if fsdp else None, fsdp_config=fsdp_config,
+        parallelism_config=ulysses_config(pre),
     )
     method = conf.method
     extra = method.trl_args(conf)
@@ -89,3 +93,62 @@ def build_training_args(pre, on_cuda: bool, precision: str, liger: bool, notices
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     return args
+
+
+def tp_section(ds: dict, tp: int, ds_file: str) -> None:
+    """dist.tensor_parallel as DeepSpeed AutoTP's size. The key is the one place the size is set:
+    a JSON that names another autotp_size is refused rather than silently overridden. transformers
+    reads it (integrations/deepspeed.py: deepspeed.tp_model_init before the engine starts) and
+    accelerate builds the TP device mesh from it."""
+    have = ds.get("tensor_parallel", {}).get("autotp_size")
+    if have is not None and have != tp:
+        raise ConfigError(f"key 'dist.tensor_parallel' is {tp} but {ds_file} sets tensor_parallel.autotp_size "
+                          f"{have}; leave autotp_size out of the JSON and set dist.tensor_parallel")
+    if tp > 1:
+        ds["tensor_parallel"] = {**ds.get("tensor_parallel", {}), "autotp_size": tp}
+        # accelerate gathers a TP-sharded model's weights for save_model only with this flag (named
+        # for ZeRO-3, read for AutoTP too); without it final/ held no weights, only global_stepN/
+        zero = ds.setdefault("zero_optimization", {})
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise ConfigError(f"key 'dist.tensor_parallel' is {tp} but {ds_file} sets zero_optimization."
+                              "stage3_gather_16bit_weights_on_model_save false: the final model would hold no "
+                              "weights; remove it")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def check_model_parallel(pre, world: int) -> None:
+    """What only the ranks know: the world size, the data's sequence length and the model's heads
+    must divide by the tensor/sequence-parallel size (else DeepSpeed fails later, mid-setup)."""
+    d = pre.conf.dist
+    text = pre.model_config.get("text_config") or pre.model_config
+    for key, n in (("dist.tensor_parallel", d.tensor_parallel), ("dist.sequence_parallel", d.sequence_parallel)):
+        if n == 1:
+            continue
+        if world % n:
+            raise ConfigError(f"key '{key}' = {n} does not divide the world size {world} (dist.nproc_per_node "
+                              "x nodes); the data-parallel size is world / this")
+        heads, kv = text.get("num_attention_heads"), text.get("num_key_value_heads") or text.get("num_attention_heads")
+        # AutoTP shards the key/value heads; Ulysses may instead replicate fewer kv heads than ranks
+        kv_ok = not kv or kv % n == 0 or key == "dist.sequence_parallel" and n % kv == 0
+        if heads and heads % n or not kv_ok:
+            raise ConfigError(f"key '{key}' = {n}: the model has {heads} attention heads and {kv} key/value heads; "
+                              "both must divide by it" + (" (or the key/value heads divide it)"
+                                                          if key == "dist.sequence_parallel" else ""))
+    sp = d.sequence_parallel
+    if sp > 1 and pre.train.seq_len % sp:
+        raise ConfigError(f"key 'dist.sequence_parallel' = {sp} does not divide the data's sequence length "
+                          f"{pre.train.seq_len}: Ulysses splits every sequence into equal shards")
+
+
+def ulysses_config(pre):
+    """dist.sequence_parallel > 1: accelerate's ParallelismConfig for DeepSpeed Ulysses/ALST. The
+    Trainer then wraps the DataLoader in DeepSpeed's UlyssesSPDataLoaderAdapter (every rank of the
+    group gets a slice of each sequence) and computes the loss with deepspeed_sp_compute_loss."""
+    sp = pre.conf.dist.sequence_parallel
+    if sp == 1:
+        return None
+    from accelerate.utils import ParallelismConfig
+    from accelerate.utils.dataclasses import DeepSpeedSequenceParallelConfig
+    return ParallelismConfig(sp_backend="deepspeed", sp_size=sp, sp_handler=DeepSpeedSequenceParallelConfig(
+        sp_seq_length=pre.train.seq_len, sp_seq_length_is_variable=False,
+        sp_attn_implementation=pre.conf.model.attn_implementation))

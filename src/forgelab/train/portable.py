@@ -31,10 +31,12 @@ def layout(ckpt: Path) -> dict:
     conf_path = ckpt.parent / "config.yaml"
     conf = yaml.safe_load(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
     steps = (conf or {}).get("steps") or {}
+    dist = (conf or {}).get("dist") or {}
     kind = ("deepspeed" if any(ckpt.glob("global_step*")) else
             "fsdp_sharded" if (ckpt / "pytorch_model_fsdp_0").is_dir() else "full")
     return {"kind": kind, "ranks": ranks, "backend": (conf or {}).get("backend"),
-            "micro_batch_size": steps.get("micro_batch_size"), "grad_accum": steps.get("grad_accum")}
+            "micro_batch_size": steps.get("micro_batch_size"), "grad_accum": steps.get("grad_accum"),
+            "parallel": (int(dist.get("tensor_parallel") or 1), int(dist.get("sequence_parallel") or 1))}
 
 
 @dataclass
@@ -51,7 +53,8 @@ def check(ckpt: Path, conf, world: int) -> ResumePlan:
     src = layout(ckpt)
     if not src["ranks"] or src["backend"] is None:
         return ResumePlan()  # not enough known about its writer (an older run): resumed as before
-    if src["ranks"] == world and src["backend"] == conf.backend:
+    parallel = (conf.dist.tensor_parallel, conf.dist.sequence_parallel)
+    if src["ranks"] == world and src["backend"] == conf.backend and src["parallel"] == parallel:
         return ResumePlan()
     what = f"{ckpt.name} was written by {src['backend']} with {src['ranks']} rank(s); this run is {conf.backend} " \
            f"with {world}"
@@ -59,6 +62,10 @@ def check(ckpt: Path, conf, world: int) -> ResumePlan:
 
     def refuse(why: str):
         raise ConfigError(f"key 'checkpoint.resume': {what}: {why}")
+    if src["parallel"] != (1, 1) or parallel != (1, 1):
+        # DeepSpeed's universal conversion reassembles ZeRO partitions, not AutoTP shards
+        refuse(f"it trained with tensor/sequence parallel {src['parallel']}, this run has {parallel}; a tensor- or "
+               "sequence-parallel checkpoint resumes only with the sizes, backend and world size that wrote it")
     if src["kind"] == "deepspeed" and not to_zero:
         refuse("DeepSpeed ZeRO partitions continue only under a zero backend (any stage, any world size, through a "
                "universal checkpoint); for single/ddp/fsdp start from its weights (forgelab checkpoint-to-model "
@@ -74,7 +81,8 @@ def check(ckpt: Path, conf, world: int) -> ResumePlan:
     if src["kind"] == "full" and to_zero:
         refuse("DeepSpeed cannot load a checkpoint without ZeRO partitions")
     _check_global_batch(src, conf, world, what)
-    same = f"same global batch, so each later step trains the same items; per-rank RNG states {_rng(src['ranks'], world)}"
+    same = ("same global batch, so each later step trains the same items; per-rank RNG states "
+            f"{_rng(src['ranks'], world)}")
     if src["kind"] == "deepspeed":
         return ResumePlan(
             f"{what}: ZeRO partitions of {src['ranks']} rank(s) converted to a DeepSpeed universal checkpoint (fp32 "
@@ -146,7 +154,8 @@ def convert(ckpt: Path, run_dir: Path, how: str, log=None) -> Path:
     try:
         what = _to_universal(ckpt, stage, log) if how == "universal" else _fsdp_to_full(ckpt, stage, log)
         for f in ckpt.iterdir():  # after the conversion's own files: a link is never written through
-            if f.is_file() and f.name not in _LAYOUT_FILES and f.name != manifest.NAME and not (stage / f.name).exists():
+            keep = f.name not in _LAYOUT_FILES and f.name != manifest.NAME
+            if f.is_file() and keep and not (stage / f.name).exists():
                 try:
                     os.link(f, stage / f.name)
                 except OSError:

@@ -48,7 +48,10 @@ def end_fields(s, trainer, metrics_cb, train_seconds: float, final_dir: Path | N
     tps_mean, tps_steady = rate(recs), rate(steady)
     curve = read_metrics(pre.run_dir / "metrics.jsonl") if s.is_main else recs
     losses = [r["loss"] for r in curve if r.get("loss") is not None]
-    global_batch = conf.steps.micro_batch_size * conf.steps.grad_accum * world
+    # AutoTP / Ulysses: the sizes the Trainer ran with (from the DeepSpeed config and accelerate's
+    # ParallelismConfig); world / (tp x sp) ranks read different data
+    tp, sp = trainer.get_tp_size(), trainer.get_sp_size()
+    global_batch = conf.steps.micro_batch_size * conf.steps.grad_accum * (world // (tp * sp))
     steps_done = len(recs)
     tokens_step_mean = sum(r["step_tokens"] for r in recs) / steps_done if steps_done else None
     s.tokens_step_mean = tokens_step_mean
@@ -79,6 +82,7 @@ def end_fields(s, trainer, metrics_cb, train_seconds: float, final_dir: Path | N
                  "tokenizer_fingerprint": pre.train.tokenizer_fingerprint,
                  "eval": str(pre.eval.path) if pre.eval else None},
         "tokenizer_fingerprint": pre.tokenizer_fp,
+        "tensor_parallel_size": tp, "sequence_parallel_size": sp, "data_parallel_size": world // (tp * sp),
         "attention_span": s.span, "global_batch": global_batch, "tokens_per_step": tokens_step_mean,
         "tokens_per_step_capacity": global_batch * pre.train.seq_len,
         "padding_waste": (1 - trainer.local_tokens / trainer.local_slots) if trainer.local_slots else None,

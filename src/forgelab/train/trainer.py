@@ -116,8 +116,24 @@ class ForgeMixin:
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                     loss = loss * self.accelerator.num_processes  # as the stock compute_loss does
                 return loss
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            sp = self.get_sp_size()
+            if sp > 1 and model.training:
+                # Ulysses: every rank back-propagates its group's whole loss (transformers'
+                # deepspeed_sp_compute_loss gathers it with a differentiable all_gather, whose
+                # backward sums the ranks' copies) and DeepSpeed sums the group's gradients without
+                # dividing by the SP size (zero/stage_1_and_2.py divides by dp_world_size /
+                # sequence_parallel_size; DeepSpeed issue #5248): measured 2.0001 x the one-process
+                # gradient norm with SP 2. AdamW's eps and clipping see that scale (parameters 3e-5
+                # off after 4 steps unclipped), so the backward is scaled by 1/sp; the loss value
+                # logged stays as computed. tests/test_train_parallel.py holds the grad norm to the
+                # one-process one: a DeepSpeed that fixes this fails there, and this goes.
+                if return_outputs:
+                    out = (_scale_grad(out[0], 1.0 / sp), out[1])
+                else:
+                    out = _scale_grad(out, 1.0 / sp)
+            return out
 
     def count_generated(self, tokens: int, slots: int) -> None:
         """Tokens a method produced inside the step (GRPO's sampled answers): counted like the
@@ -136,6 +152,11 @@ class ForgeMixin:
         # the stock version walks all parameters on every micro-batch; the formula is cached
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
         return int(self.fpt * ids.numel()) if hasattr(ids, "numel") else 0
+
+
+def _scale_grad(loss, scale: float):
+    """``loss`` unchanged forward (the added term is exactly zero); its gradient times ``scale``."""
+    return loss.detach() + (loss - loss.detach()) * scale
 
 
 class ForgeTrainer(hf_private.AtomicCheckpoints, ForgeMixin, Trainer):

@@ -66,7 +66,7 @@ class Method:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             pad = int(data.meta.get("pad_token_id", pad))
             return SFTCollator(pad, conf.data.pad_to_multiple_of)
-        return CPTCollator()
+        return CPTCollator(position_ids=conf.dist.sequence_parallel > 1)
 
     # -- parameters
     def prepare_model(self, model, conf):
