@@ -234,6 +234,13 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
         logits = e * dims.hidden * tokens
         assumptions.append("Liger fused linear cross-entropy: no full logits tensor" if shape.kernels == "liger"
                            else "TRL's fused LM head: log-probs computed in tiles, no full logits tensor")
+    elif shape.loss_chunk_tokens and n == 1 and shape.loss_chunk_tokens < tokens:
+        # train/chunked_loss.py: one chunk's logits (eager bytes per logit: the chunk runs outside
+        # the compiled blocks), the hidden states' gradient and the head's fp32 gradient
+        logits = (knobs.logits_bytes_per_element * shape.loss_chunk_tokens * dims.vocab + e * dims.hidden * tokens
+                  + (4 * dims.vocab * dims.hidden if full else 0))
+        assumptions.append(f"chunked loss: logits of {shape.loss_chunk_tokens} tokens at a time, gradients taken in "
+                           "the forward (runtime.loss_chunk_tokens)")
     else:
         logits = per_logit * tokens * dims.vocab
         if knobs.keep_logits_output:

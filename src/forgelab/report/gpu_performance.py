@@ -237,6 +237,8 @@ def reestimate(r: RunRecord) -> dict | None:
     # records older than the compiled-mode formulas say "eager" for compiled runs: the run's
     # resolved settings say which kernels ran
     shape.kernels = "liger" if r.get("liger_kernel") else "compiled" if r.get("torch_compile") else "eager"
+    # and records older than the chunked-loss term do not carry its setting
+    shape.loss_chunk_tokens = int((conf.get("runtime") or {}).get("loss_chunk_tokens") or 0)
     return estimate_run(shape, presets.build_config(model["preset"]), int(pred["steps_detail"]["items"]),
                         r.world_size, knobs=knobs_from_conf(conf))
 
