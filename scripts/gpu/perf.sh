@@ -23,6 +23,7 @@
 #   fp8peer17 the lab's FP8 (tensorwise + LM head) and bf16 at 30 steps, beside titan.sh fp8tw / bf16
 #   s8k17  the 1.7B shape at seq 8192, micro batch 4 (beside titan.sh s8k)
 #   fp8stable17  the same at lr 3e-4: bf16, tensorwise + LM head, bf16 again; $OUT/fp8stable_compare.json
+#   fp8calm17  the same at lr 1e-4; $OUT/fp8calm_compare.json
 #   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
 #   cpt06  Qwen3-0.6B shape, seq 2048: the tuned settings
 #   sft17  Qwen3-1.7B shape, LoRA r=64 all-linear, GSM8K-train lengths: padded batch-8 baseline
@@ -193,6 +194,16 @@ for part in "${@:-cpt17}"; do
       bench p17-fp8S-bf16-r2 180 "${S[@]}"
       python3 scripts/gpu/fp8_compare.py runs/train p17-fp8S-bf16 p17-fp8S-tensorwise-head p17-fp8S-bf16-r2 \
         --json "$OUT/fp8stable_compare.json"
+      ;;
+    fp8calm17)  # fp8stable17 at lr 1e-4, below the lr where bf16 itself spikes (step 46 at 3e-4, in
+      # both bf16 runs): bf16, tensorwise + LM head, bf16 again; $OUT/fp8calm_compare.json
+      C=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
+         --set metrics.steady_skip_steps=10 --set optim.lr=1e-4)
+      bench p17-fp8C-bf16 200 "${C[@]}"
+      bench p17-fp8C-tensorwise-head 170 "${C[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      bench p17-fp8C-bf16-r2 180 "${C[@]}"
+      python3 scripts/gpu/fp8_compare.py runs/train p17-fp8C-bf16 p17-fp8C-tensorwise-head p17-fp8C-bf16-r2 \
+        --json "$OUT/fp8calm_compare.json"
       ;;
     levers17c)  # at micro batch 16: fused AdamW off, checkpointing on, whole-model compile, loader workers, seq 4096
       B16=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=16 --set steps.grad_accum=1)
