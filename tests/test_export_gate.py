@@ -131,10 +131,13 @@ def test_sizes_and_tolerance_classes(gated):
     assert b["fishai"] < b["int8"] < b["merged"]
     assert [by[k]["tolerance"] for k in ("merged", "f16", "q8_0", "q4_k_m", "fishai", "int8")] == \
         ["exact", "exact", "int8", "int4", "int4", "int8"]
-    # quantization costs perplexity in order of bits (in-process rows measure the files themselves)
+    # quantization moves the log-probabilities in order of bits (in-process rows measure the files
+    # themselves); on this random tiny model the perplexity change is noise of either sign (1e-5),
+    # so the size of the teacher-forced log-prob difference is what is ordered
     ppl = {k: by[k]["rows"][0]["ppl_rel"] for k in by}
     assert abs(ppl["f16"]) < 1e-3
-    assert ppl["q8_0"] < ppl["q4_0"] and ppl["int8"] < ppl["fishai"]
+    lp = {k: by[k]["rows"][0]["logprob_diff"]["mean"] for k in by}
+    assert lp["merged"] < lp["f16"] < lp["q8_0"] < lp["q4_0"] and lp["int8"] < lp["fishai"]
 
 
 def test_published_only_what_passed(gated):
