@@ -37,6 +37,24 @@ def _finish(out: Path, meta: dict, files: list[str]) -> Path:
     return out
 
 
+def build_tiny_llama(out: Path, tok_dir: Path, kv_heads: int = 1) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, 2 heads of 32, tied) with the tokenizer of
+    `tok_dir`, seeded, written to `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    conf = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=kv_heads,
+                       max_position_embeddings=2048, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(conf).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def build_cpt(out: Path, tok_dir: Path, seq_len: int = 64, n_blocks: int = 160, start: int = 0) -> Path:
     """CPT blocks: verses joined with EOS, cut into [n_blocks, seq_len] int32."""
     from transformers import AutoTokenizer

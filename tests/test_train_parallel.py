@@ -18,7 +18,7 @@ import json
 import pytest
 
 from forgelab.runs import read_json
-from helpers import build_cpt, metrics, runs_dir, tiny_sets, train_cli
+from helpers import build_cpt, build_tiny_llama, metrics, runs_dir, tiny_sets, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +31,7 @@ STEPS, GLOBAL, SEQ = 4, 8, 64
 def tp_model_dir(smollm2_dir, tmp_path_factory):
     """tiny_model_dir's Llama with 2 key/value heads: AutoTP shards the kv heads over the ranks
     (tiny_model_dir has 1, which TP 2 cannot split)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama-kv2")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    conf = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=2048, tie_word_embeddings=True,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(conf).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-kv2"), smollm2_dir, kv_heads=2)
 
 
 @pytest.fixture(scope="module")
