@@ -75,6 +75,18 @@ bench() {
   summary "$name"; save
 }
 
+fp8_lr_curves() {  # TAG LR NAME: fp8long17's 120-step protocol at lr LR, bf16 twice around
+  # tensorwise + LM head (runs p17-fp8TAG-*), compared into $OUT/NAME_compare.json
+  local tag=$1 lr=$2 out=$3
+  local C=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
+           --set metrics.steady_skip_steps=10 --set optim.lr="$lr")
+  bench "p17-fp8$tag-bf16" 200 "${C[@]}"
+  bench "p17-fp8$tag-tensorwise-head" 170 "${C[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+  bench "p17-fp8$tag-bf16-r2" 180 "${C[@]}"
+  python3 scripts/gpu/fp8_compare.py runs/train "p17-fp8$tag-bf16" "p17-fp8$tag-tensorwise-head" \
+    "p17-fp8$tag-bf16-r2" --json "$OUT/${out}_compare.json"
+}
+
 P17=(--task pretrain --set model.preset=qwen3-1.7b --set model.tokenizer=.gpu/tok --set data.train=.gpu/cpt2048/train
      --set steps.max_steps=14 --set optim.warmup_steps=2 --set metrics.steady_skip_steps=4)
 P06=(--task pretrain --set model.preset=qwen3-0.6b --set model.tokenizer=.gpu/tok --set data.train=.gpu/cpt2048/train
@@ -187,23 +199,11 @@ for part in "${@:-cpt17}"; do
       ;;
     fp8stable17)  # fp8long17 at lr 3e-4, where the reference should not spike: bf16 twice (the noise)
       # and tensorwise + LM head
-      S=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
-         --set metrics.steady_skip_steps=10 --set optim.lr=3e-4)
-      bench p17-fp8S-bf16 200 "${S[@]}"
-      bench p17-fp8S-tensorwise-head 170 "${S[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
-      bench p17-fp8S-bf16-r2 180 "${S[@]}"
-      python3 scripts/gpu/fp8_compare.py runs/train p17-fp8S-bf16 p17-fp8S-tensorwise-head p17-fp8S-bf16-r2 \
-        --json "$OUT/fp8stable_compare.json"
+      fp8_lr_curves S 3e-4 fp8stable
       ;;
-    fp8calm17)  # fp8stable17 at lr 1e-4, below the lr where bf16 itself spikes (step 46 at 3e-4, in
-      # both bf16 runs): bf16, tensorwise + LM head, bf16 again; $OUT/fp8calm_compare.json
-      C=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
-         --set metrics.steady_skip_steps=10 --set optim.lr=1e-4)
-      bench p17-fp8C-bf16 200 "${C[@]}"
-      bench p17-fp8C-tensorwise-head 170 "${C[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
-      bench p17-fp8C-bf16-r2 180 "${C[@]}"
-      python3 scripts/gpu/fp8_compare.py runs/train p17-fp8C-bf16 p17-fp8C-tensorwise-head p17-fp8C-bf16-r2 \
-        --json "$OUT/fp8calm_compare.json"
+    fp8calm17)  # the same at lr 1e-4, below the lr where bf16 itself spikes (step 46 at 3e-4, in both
+      # bf16 runs)
+      fp8_lr_curves C 1e-4 fp8calm
       ;;
     levers17c)  # at micro batch 16: fused AdamW off, checkpointing on, whole-model compile, loader workers, seq 4096
       B16=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set steps.micro_batch_size=16 --set steps.grad_accum=1)

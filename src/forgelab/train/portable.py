@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError
+from .ckpt_model import FSDP_DIR
 from .config import DEEPSPEED_BACKENDS
 
 
@@ -33,7 +34,7 @@ def layout(ckpt: Path) -> dict:
     steps = (conf or {}).get("steps") or {}
     dist = (conf or {}).get("dist") or {}
     kind = ("deepspeed" if any(ckpt.glob("global_step*")) else
-            "fsdp_sharded" if (ckpt / "pytorch_model_fsdp_0").is_dir() else "full")
+            "fsdp_sharded" if (ckpt / FSDP_DIR).is_dir() else "full")
     return {"kind": kind, "ranks": ranks, "backend": (conf or {}).get("backend"),
             "micro_batch_size": steps.get("micro_batch_size"), "grad_accum": steps.get("grad_accum"),
             "parallel": (int(dist.get("tensor_parallel") or 1), int(dist.get("sequence_parallel") or 1))}
