@@ -24,21 +24,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_access(host: str, token: str) -> None:
-    """Refuse to listen beyond this machine without a token (the servers' rule)."""
+def access_error(host: str, token: str) -> str | None:
+    """Why the board may not listen on `host` (beyond this machine without a token: the servers'
+    rule), or None."""
     from ..serve.config import is_loopback
     if not token and not is_loopback(host):
-        raise SystemExit(f"error: host {host!r} is reachable from other machines and no token is set: "
-                         f"pass --token or set ${TOKEN_ENV}, or bind 127.0.0.1")
+        return (f"error: host {host!r} is reachable from other machines and no token is set: "
+                f"pass --token or set ${TOKEN_ENV}, or bind 127.0.0.1")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     token = a.token if a.token is not None else os.environ.get(TOKEN_ENV, "")
-    try:
-        check_access(a.host, token)
-    except SystemExit as e:
-        print(e, file=sys.stderr)
+    refused = access_error(a.host, token)
+    if refused:
+        print(refused, file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
     from ..runs import project_path, runs_dir
