@@ -265,6 +265,18 @@ def test_chunked_loss_at_seq_32768_matches_h200_measurements(checkpointing, meas
     assert estimate_run(conf, build_config("qwen3-1.7b"), 1000, 2)["peak_memory_bytes"] > e["peak_memory_bytes"]
 
 
+@pytest.mark.parametrize("seq,micro,measured", [(2048, 16, 95.7), (8192, 4, 95.1), (16384, 2, 95.1)])
+def test_fp8_linears_match_h200_measurements(seq, micro, measured):
+    """reports/gpu_fp8.md and gpu_round2.md (p17-fp8-tensorwise, p17-s8k-b4-fp8, p17-s16k-b2-fp8):
+    float8 copies of the linears' inputs instead of bf16 ones; bf16 of the same shape measured 115.8."""
+    conf = {"seq_len": seq, **COMPILED, "micro_batch_size": micro, "fp8": "tensorwise"}
+    e = estimate_run(conf, build_config("qwen3-1.7b"), 1000, 1)
+    assert e["peak_memory_bytes"] / GiB == pytest.approx(measured, rel=0.10)
+    assert any("FP8 linears" in a for a in e["assumptions"])
+    bf16 = estimate_run({k: v for k, v in conf.items() if k != "fp8"}, build_config("qwen3-1.7b"), 1000, 1)
+    assert bf16["peak_memory_bytes"] / GiB == pytest.approx(115.8, rel=0.01)
+
+
 def test_knobs_are_tunable():
     c = build_config("qwen3-0.6b")
     a = estimate_run({"per_device_batch_size": 4, "seq_len": 2048}, c, 10, 1)

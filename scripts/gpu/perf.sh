@@ -22,6 +22,14 @@
 #          head, tensorwise; $OUT/fp8long_compare.json
 #   fp8peer17 the lab's FP8 (tensorwise + LM head) and bf16 at 30 steps, beside titan.sh fp8tw / bf16
 #   s8k17  the 1.7B shape at seq 8192, micro batch 4 (beside titan.sh s8k)
+#   s16k17  seq 16384, micro batch 2 (beside titan.sh s16k)
+#   s8kfp8_17  seq 8192, micro batch 4, FP8 tensorwise + LM head (beside titan.sh s8kfp8)
+#   longchunk17  seq 8192 (micro batch 4) and 16384 (micro batch 2) with the chunked LM head + loss
+#          (runtime.loss_chunk_tokens=4096): the fp32 logits gone, for peak memory under torchtitan's
+#   s16kfp8_17  seq 16384, micro batch 2, FP8 tensorwise + LM head
+#   cpt06peer  the 0.6B shape, micro batch 16, 30 steps (beside titan.sh s06)
+#   floor2  the kernel floor re-measured (scripts/kernel_floor.py, five calls per timing): 1.7B at
+#          micro batch 8 and 16, 0.6B at 16, seq 2048; $OUT/kernel_floor_*_r2.json
 #   fp8stable17  the same at lr 3e-4: bf16, tensorwise + LM head, bf16 again; $OUT/fp8stable_compare.json
 #   fp8calm17  the same at lr 1e-4; $OUT/fp8calm_compare.json
 #   cpt06b  the 0.6B shape at micro batch 4, 8 and 16
@@ -187,6 +195,36 @@ for part in "${@:-cpt17}"; do
       bench p17-s8k-b4 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
         --set steps.max_steps=20 --set metrics.steady_skip_steps=6
       ;;
+    s16k17)  # beside torchtitan at seq 16384 (titan.sh s16k, same call): micro batch 2
+      bench p17-s16k-b2 220 "${F17[@]}" --set data.train=.gpu/cpt16384/train --set steps.micro_batch_size=2 \
+        --set steps.max_steps=20 --set metrics.steady_skip_steps=6
+      ;;
+    s8kfp8_17)  # beside torchtitan's float8 at seq 8192 (titan.sh s8kfp8): the lab's FP8 setting
+      bench p17-s8k-b4-fp8 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
+        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      ;;
+    longchunk17)
+      bench p17-s8k-b4-chunk 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
+        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.loss_chunk_tokens=4096
+      bench p17-s16k-b2-chunk 220 "${F17[@]}" --set data.train=.gpu/cpt16384/train --set steps.micro_batch_size=2 \
+        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.loss_chunk_tokens=4096
+      ;;
+    s16kfp8_17)
+      bench p17-s16k-b2-fp8 220 "${F17[@]}" --set data.train=.gpu/cpt16384/train --set steps.micro_batch_size=2 \
+        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      ;;
+    cpt06peer)  # beside torchtitan's 0.6B flavor (titan.sh s06): micro batch 16, 30 steps, steady after 8
+      bench p06-peer-b16 180 "${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set runtime.sdpa_backend=cudnn \
+        --set steps.micro_batch_size=16 --set steps.grad_accum=1 --set steps.max_steps=30 --set metrics.steady_skip_steps=8
+      ;;
+    floor2)  # the floor again, with five back-to-back calls per timing (the 2026-12-01 record timed one)
+      for spec in "qwen3-1.7b 8 16" "qwen3-0.6b 16"; do
+        set -- $spec; left=$(( deadline - $(date +%s) - 10 )); (( left < 30 )) && { el "skip floor $1 (budget)"; continue; }
+        el "kernel floor $spec"; p=$1; shift
+        timeout $(( left < 100 ? left : 100 )) python3 scripts/kernel_floor.py --preset "$p" --micro-batch "$@" --seq 2048 \
+          --out "$OUT/kernel_floor_${p#qwen3-}_r2.json" 2>&1 | grep -v -i warn | tail -8
+      done
+      ;;
     fp8long17)  # the FP8 loss curve over 120 steps with a 10-step warm-up on the larger store
       # (.gpu/cpt2048L: 2,063 blocks, no row seen twice): bf16, tensorwise + LM head, tensorwise
       L17=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
@@ -293,7 +331,7 @@ for part in "${@:-cpt17}"; do
         el "skip serve: runs/gpu-merged is not on this machine (scripts/gpu/measure_tracks.sh makes it)"
       fi
       ;;
-    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 sftpeer17 fp8peer17 s8k17 pack serve)" >&2 ;;
+    *) echo "unknown part $part (cpt17 chunk17 floor17 levers17 base17 levers17b levers17c repeat17 fp8_17 fp8head17 cpt06 cpt06b sft17 sftpeer17 fp8peer17 s8k17 s16k17 s8kfp8_17 s16kfp8_17 longchunk17 cpt06peer floor2 pack serve)" >&2 ;;
   esac
 done
 save; el "done"

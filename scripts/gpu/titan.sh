@@ -4,6 +4,9 @@
 # bench track (perf.sh runs the lab's half). Parts, in the order given (default: all):
 #   s8k   1.7B, seq 8192, batch 4, compile, no checkpointing (flavor copy with max_seq_len 8192)
 #   s16k  1.7B, seq 16384, batch 2, compile, no checkpointing
+#   s8kfp8  1.7B, seq 8192, batch 4, float8 tensorwise (torchao, torchtitan's converter)
+#   s16kfp8  1.7B, seq 16384, batch 2, float8 tensorwise
+#   s06   the 0.6B flavor, seq 2048, batch 16, bf16
 #   fp8   1.7B, seq 2048, batch 16, compile: bf16, float8 tensorwise, float8 rowwise (torchao)
 #   fp8tw, bf16  one of those each
 # Inputs: .gpu/tok; .gpu/cpt8192/train, .gpu/cpt16384/train, .gpu/cpt2048/train (the lab's runs of the
@@ -38,6 +41,12 @@ for part in ${@:-s8k s16k fp8}; do
   case $part in
     s8k)  titan titan17-s8k 240 "${T17[@]}" --data "$(data 8192)" --seq-len 8192 --batch 4 --steps 20 --warmup-skip 6 ;;
     s16k) titan titan17-s16k 240 "${T17[@]}" --data "$(data 16384)" --seq-len 16384 --batch 2 --steps 20 --warmup-skip 6 ;;
+    s8kfp8) titan titan17-s8k-fp8 240 "${T17[@]}" --data "$(data 8192)" --seq-len 8192 --batch 4 --steps 20 \
+      --warmup-skip 6 --fp8 tensorwise ;;
+    s16kfp8) titan titan17-s16k-fp8 240 "${T17[@]}" --data "$(data 16384)" --seq-len 16384 --batch 2 --steps 20 \
+      --warmup-skip 6 --fp8 tensorwise ;;
+    s06) titan titan06-b16 200 --flavor 0.6B --compile --ac none --data "$(data 2048)" --seq-len 2048 --batch 16 \
+      --steps 30 --warmup-skip 8 ;;
     fp8)
       d=$(data 2048)
       for r in none tensorwise rowwise; do

@@ -228,6 +228,15 @@ def estimate_run(train_conf: Any, model_config: Any, n_train_items: int, world_s
     compiled = shape.kernels == "compiled" and full and not gc
     act_scale = knobs.activation_scale * (knobs.compiled_activation_scale if compiled else 1.0)
     activations = (stored_layers + final_norm + head_input + mask + shared) * act_scale
+    if shape.fp8 and full and not gc:
+        # torchao's float8 linears keep float8 (1-byte) copies of their inputs for backward instead
+        # of the bf16 ones: one per input tensor (q/k/v share theirs, gate/up theirs) plus the o_proj
+        # input, whose bf16 original attention keeps anyway. Taken off at face value, outside the
+        # compiled scale: the matmul inputs are the saved tensors inductor cannot recompute.
+        kept = 2 * dims.hidden + dims.intermediate + dims.heads * dims.head_dim
+        bf16_inputs = per_layer.get("qkv_input", 0) + per_layer.get("mlp_input", 0) + per_layer.get("down_input", 0)
+        activations -= max(0.0, bf16_inputs - kept) * dims.layers * tokens
+        assumptions.append("FP8 linears (runtime.fp8): float8 copies of the linears' inputs saved for backward")
     per_logit = knobs.compiled_logits_bytes_per_element if compiled else knobs.logits_bytes_per_element
     if shape.kernels == "liger" or shape.fused_lm_head:
         # fused linear + cross entropy: logits are computed in chunks; the hidden-state grad is kept

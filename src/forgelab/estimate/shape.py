@@ -44,6 +44,7 @@ class TrainShape:
     nograd_sequences_per_item: int = 0
     fused_lm_head: bool = False      # the trainer computes log-probs in tiles (TRL's fused LM head): no logits tensor
     loss_chunk_tokens: int = 0       # LM head + loss in chunks of this many tokens (runtime.loss_chunk_tokens, one rank)
+    fp8: bool = False                # float8 training linears (runtime.fp8): their saved inputs in 1 byte
     generation: dict | None = None
     backend: str = "single"          # single | ddp | fsdp | zero2 | zero3_offload | ...
     zero_stage: int = 0
@@ -89,6 +90,7 @@ class TrainShape:
             nograd_sequences_per_item=int(terms.get("nograd_sequences_per_item", 0)),
             fused_lm_head=bool(terms.get("fused_lm_head", False)),
             loss_chunk_tokens=int(getattr(rt, "loss_chunk_tokens", 0) or 0),
+            fp8=bool(getattr(rt, "fp8", None)),
             generation=dict(terms["generation"]) if terms.get("generation") else None,
             backend=backend, zero_stage=int(stage),
             offload_optimizer=(off_opt not in (None, "none")) if zo else "offload" in backend,
@@ -249,6 +251,7 @@ def read_train_shape(train_conf: Any, knobs: Knobs | None = None) -> tuple[Train
                                                "grad_checkpointing", "checkpointing"), False,
                                               "gradient checkpointing"))
     s.loss_chunk_tokens = int(r.get(("loss_chunk_tokens",), 0, "chunked loss tokens") or 0)
+    s.fp8 = r.get(("fp8", "float8"), None, "float8 linears") not in (None, False, "none", "null")
     # LoRA: an explicit method key wins, then a lora.enabled flag, then a LoRA rank > 0.
     method = r.get(("method", "finetuning_type", "finetune_type", "tuning"), None, "fine-tuning method")
     if method is None:

@@ -239,6 +239,7 @@ def reestimate(r: RunRecord) -> dict | None:
     shape.kernels = "liger" if r.get("liger_kernel") else "compiled" if r.get("torch_compile") else "eager"
     # and records older than the chunked-loss term do not carry its setting
     shape.loss_chunk_tokens = int((conf.get("runtime") or {}).get("loss_chunk_tokens") or 0)
+    shape.fp8 = bool((conf.get("runtime") or {}).get("fp8"))
     return estimate_run(shape, presets.build_config(model["preset"]), int(pred["steps_detail"]["items"]),
                         r.world_size, knobs=knobs_from_conf(conf))
 
