@@ -226,6 +226,9 @@ def test_compile_on_cuda_only_runs_eager_on_cpu():
     notices = []
     assert choose_memory_cap(79.6, on_cuda=False, notices=notices) is None and "not capped" in notices[0]
     assert choose_memory_cap(None, on_cuda=True, notices=notices) is None and len(notices) == 1
+    from forgelab.train.runtime import apply_alloc_conf
+    apply_alloc_conf("expandable_segments:True", on_cuda=False, notices=notices)
+    assert "not used on CPU" in notices[-1] and len(notices) == 2
     assert _choose_compile(True, on_cuda=False, notices=[]) is True
     assert _conf("runtime.torch_compile=cuda").runtime.torch_compile == "cuda"
     with pytest.raises(cfg.ConfigError, match="torch_compile"):

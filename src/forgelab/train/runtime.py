@@ -28,10 +28,7 @@ def resolve(conf, notices: list[str]) -> Runtime:
     on_cuda = torch.cuda.is_available()
     if conf.runtime.threads:
         torch.set_num_threads(conf.runtime.threads)
-    if conf.runtime.cuda_alloc_conf and on_cuda:
-        import os
-        # read when the allocator starts, i.e. before the first allocation of this process
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", conf.runtime.cuda_alloc_conf)
+    apply_alloc_conf(conf.runtime.cuda_alloc_conf, on_cuda, notices)
     cap = choose_memory_cap(conf.runtime.memory_cap_gib, on_cuda, notices)
     precision = choose_precision(conf.runtime.precision, on_cuda, notices)
     liger = choose_liger(conf.runtime.liger_kernel, on_cuda, notices)
@@ -39,6 +36,18 @@ def resolve(conf, notices: list[str]) -> Runtime:
     conf.runtime.torch_compile = compiled  # resolved, so the recorded config says what ran
     fp8 = choose_fp8(conf, on_cuda, notices)
     return Runtime(on_cuda=on_cuda, precision=precision, liger=liger, compile=compiled, memory_cap=cap, fp8=fp8)
+
+
+def apply_alloc_conf(value: str | None, on_cuda: bool, notices: list[str]) -> None:
+    """PyTorch's CUDA allocator settings for this run; read when the allocator starts, i.e. before
+    the first CUDA allocation of this process (an environment value already set wins)."""
+    if not value:
+        return
+    if not on_cuda:
+        notices.append(f"runtime.cuda_alloc_conf {value} sets the CUDA allocator; not used on CPU")
+        return
+    import os
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", value)
 
 
 def choose_memory_cap(gib: float | None, on_cuda: bool, notices: list[str]) -> int | None:
