@@ -89,7 +89,7 @@ fp8_lr_curves() {  # TAG LR NAME: fp8long17's 120-step protocol at lr LR, bf16 t
   local C=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
            --set metrics.steady_skip_steps=10 --set optim.lr="$lr")
   bench "p17-fp8$tag-bf16" 200 "${C[@]}"
-  bench "p17-fp8$tag-tensorwise-head" 170 "${C[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+  bench "p17-fp8$tag-tensorwise-head" 170 "${C[@]}" "${FP8H[@]}"
   bench "p17-fp8$tag-bf16-r2" 180 "${C[@]}"
   python3 scripts/gpu/fp8_compare.py runs/train "p17-fp8$tag-bf16" "p17-fp8$tag-tensorwise-head" \
     "p17-fp8$tag-bf16-r2" --json "$OUT/${out}_compare.json"
@@ -106,6 +106,13 @@ TUNED=(--set runtime.torch_compile=true --set runtime.gradient_checkpointing=fal
 # the FP8 parts: the best bf16 1.7B setting, 60 steps (60 x 16 rows stay inside the 1,020 blocks)
 F17=("${P17[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set runtime.sdpa_backend=cudnn
      --set steps.micro_batch_size=16 --set steps.grad_accum=1 --set steps.max_steps=60 --set metrics.steady_skip_steps=10)
+FP8H=(--set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true)  # the lab's FP8 setting: tensorwise + LM head
+# long17 NAME SEQ MICRO [bench.sh args...]: F17 at another length (.gpu/cptSEQ), 20 steps, steady after 6
+long17() {
+  local name=$1 seq=$2 micro=$3; shift 3
+  bench "$name" 220 "${F17[@]}" --set data.train=.gpu/cpt$seq/train --set steps.micro_batch_size="$micro" \
+    --set steps.max_steps=20 --set metrics.steady_skip_steps=6 "$@"
+}
 
 for part in "${@:-cpt17}"; do
   case $part in
@@ -180,38 +187,28 @@ for part in "${@:-cpt17}"; do
     fp8head17)  # the fp8_17 protocol again on another machine, and the LM head in FP8 as the next lever
       bench p17-fp8b-bf16 150 "${F17[@]}"
       bench p17-fp8b-tensorwise 180 "${F17[@]}" --set runtime.fp8=tensorwise
-      bench p17-fp8b-tensorwise-head 180 "${F17[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      bench p17-fp8b-tensorwise-head 180 "${F17[@]}" "${FP8H[@]}"
       python3 scripts/gpu/fp8_compare.py runs/train p17-fp8b-bf16 p17-fp8b-tensorwise p17-fp8b-tensorwise-head \
         --json "$OUT/fp8head_compare.json"
       ;;
     fp8peer17)  # beside torchtitan's FP8 (titan.sh fp8tw / bf16, same call): the lab's best FP8 setting and bf16,
       # 30 steps of micro batch 16 on .gpu/cpt2048 (scripts/gpu/reblock.py cuts it from .gpu/cpt32k)
       P=("${F17[@]}" --set steps.max_steps=30 --set metrics.steady_skip_steps=8)
-      bench p17-fp8peer-tensorwise-head 200 "${P[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      bench p17-fp8peer-tensorwise-head 200 "${P[@]}" "${FP8H[@]}"
       bench p17-fp8peer-bf16 200 "${P[@]}"
       ;;
     s8k17)  # beside torchtitan at seq 8192 (titan.sh s8k, same call): micro batch 4, the best bf16 setting
-      # on .gpu/cpt8192 (scripts/gpu/reblock.py cuts it from .gpu/cpt32k)
-      bench p17-s8k-b4 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
-        --set steps.max_steps=20 --set metrics.steady_skip_steps=6
-      ;;
+      # on .gpu/cpt8192 (scripts/gpu/reblock.py cuts it from .gpu/cpt2048L or .gpu/cpt32k)
+      long17 p17-s8k-b4 8192 4 ;;
     s16k17)  # beside torchtitan at seq 16384 (titan.sh s16k, same call): micro batch 2
-      bench p17-s16k-b2 220 "${F17[@]}" --set data.train=.gpu/cpt16384/train --set steps.micro_batch_size=2 \
-        --set steps.max_steps=20 --set metrics.steady_skip_steps=6
-      ;;
+      long17 p17-s16k-b2 16384 2 ;;
     s8kfp8_17)  # beside torchtitan's float8 at seq 8192 (titan.sh s8kfp8): the lab's FP8 setting
-      bench p17-s8k-b4-fp8 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
-        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
-      ;;
+      long17 p17-s8k-b4-fp8 8192 4 "${FP8H[@]}" ;;
+    s16kfp8_17)  # beside titan.sh s16kfp8
+      long17 p17-s16k-b2-fp8 16384 2 "${FP8H[@]}" ;;
     longchunk17)
-      bench p17-s8k-b4-chunk 220 "${F17[@]}" --set data.train=.gpu/cpt8192/train --set steps.micro_batch_size=4 \
-        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.loss_chunk_tokens=4096
-      bench p17-s16k-b2-chunk 220 "${F17[@]}" --set data.train=.gpu/cpt16384/train --set steps.micro_batch_size=2 \
-        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.loss_chunk_tokens=4096
-      ;;
-    s16kfp8_17)
-      bench p17-s16k-b2-fp8 220 "${F17[@]}" --set data.train=.gpu/cpt16384/train --set steps.micro_batch_size=2 \
-        --set steps.max_steps=20 --set metrics.steady_skip_steps=6 --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      long17 p17-s8k-b4-chunk 8192 4 --set runtime.loss_chunk_tokens=4096
+      long17 p17-s16k-b2-chunk 16384 2 --set runtime.loss_chunk_tokens=4096
       ;;
     cpt06peer)  # beside torchtitan's 0.6B flavor (titan.sh s06): micro batch 16, 30 steps, steady after 8
       bench p06-peer-b16 180 "${P06[@]}" "${TUNED[@]}" --set runtime.compile_scope=blocks --set runtime.sdpa_backend=cudnn \
@@ -230,7 +227,7 @@ for part in "${@:-cpt17}"; do
       L17=("${F17[@]}" --set data.train=.gpu/cpt2048L/train --set steps.max_steps=120 --set optim.warmup_steps=10
            --set metrics.steady_skip_steps=10)
       bench p17-fp8L-bf16 200 "${L17[@]}"
-      bench p17-fp8L-tensorwise-head 190 "${L17[@]}" --set runtime.fp8=tensorwise --set runtime.fp8_lm_head=true
+      bench p17-fp8L-tensorwise-head 190 "${L17[@]}" "${FP8H[@]}"
       bench p17-fp8L-tensorwise 190 "${L17[@]}" --set runtime.fp8=tensorwise
       python3 scripts/gpu/fp8_compare.py runs/train p17-fp8L-bf16 p17-fp8L-tensorwise-head p17-fp8L-tensorwise \
         --json "$OUT/fp8long_compare.json"

@@ -37,14 +37,16 @@ titan() {  # titan NAME TIMEOUT [torchtitan_peer.py args]
 }
 python3 -c "import torch, torchtitan, torchao; print('torch', torch.__version__, 'torchtitan', torchtitan.__version__, 'torchao', torchao.__version__)"
 T17=(--flavor 1.7B --compile --ac none)
+long17() {  # long17 NAME SEQ BATCH [torchtitan_peer.py args]: the 1.7B flavor at a long length, 20 steps
+  local name=$1 seq=$2 batch=$3; shift 3
+  titan "$name" 240 "${T17[@]}" --data "$(data "$seq")" --seq-len "$seq" --batch "$batch" --steps 20 --warmup-skip 6 "$@"
+}
 for part in ${@:-s8k s16k fp8}; do
   case $part in
-    s8k)  titan titan17-s8k 240 "${T17[@]}" --data "$(data 8192)" --seq-len 8192 --batch 4 --steps 20 --warmup-skip 6 ;;
-    s16k) titan titan17-s16k 240 "${T17[@]}" --data "$(data 16384)" --seq-len 16384 --batch 2 --steps 20 --warmup-skip 6 ;;
-    s8kfp8) titan titan17-s8k-fp8 240 "${T17[@]}" --data "$(data 8192)" --seq-len 8192 --batch 4 --steps 20 \
-      --warmup-skip 6 --fp8 tensorwise ;;
-    s16kfp8) titan titan17-s16k-fp8 240 "${T17[@]}" --data "$(data 16384)" --seq-len 16384 --batch 2 --steps 20 \
-      --warmup-skip 6 --fp8 tensorwise ;;
+    s8k)  long17 titan17-s8k 8192 4 ;;
+    s16k) long17 titan17-s16k 16384 2 ;;
+    s8kfp8) long17 titan17-s8k-fp8 8192 4 --fp8 tensorwise ;;
+    s16kfp8) long17 titan17-s16k-fp8 16384 2 --fp8 tensorwise ;;
     s06) titan titan06-b16 200 --flavor 0.6B --compile --ac none --data "$(data 2048)" --seq-len 2048 --batch 16 \
       --steps 30 --warmup-skip 8 ;;
     fp8)
